@@ -1,0 +1,536 @@
+"""``LLMAlgorithm``: what every LLM fine-tuning algorithm stands on.
+
+The base class wires collaborators together and computes nothing of its own:
+
+* ``AdapterSet`` (model/adapters.py)   named LoRA adapters (actor, reference, critic) on ONE frozen base;
+* ``HiddenStatesModel`` (model/forward.py)  the training forward, up to the final hidden states;
+* ``fused_logprobs`` (model/logprobs.py)    chunked lm_head -> log-prob op, used for every log-prob;
+* the optimizer and LR schedule (optim.py) over the trainable adapters only;
+* an optional ``accelerate.Accelerator`` (DDP / DeepSpeed), the same code path as one process.
+
+Subclasses say what to optimise: they implement ``learn`` (and ``get_action`` / ``test`` where they
+generate). Constructor arguments follow the AgileRL LLM API names and defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym
+from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
+from agilerl_llm.model.forward import HiddenStatesModel, enable_activation_checkpointing
+from agilerl_llm.model.logprobs import fused_logprobs
+from agilerl_llm.optim import CosineLRScheduleConfig, build_lr_scheduler, build_optimizer, set_learning_rate
+from agilerl_llm.rollout.base import ActionResult, SamplingSettings
+from agilerl_llm.rollout.hf import generate_completions
+
+# Attributes that hold collaborators (networks, optimizer, accelerator, hooks), not hyperparameters.
+_COLLABORATORS = frozenset(
+    {"adapters", "actor", "policy_forward", "optimizer", "lr_scheduler", "accelerator", "mutation_hooks", "hp_config"}
+)
+
+
+class LLMAlgorithm:
+    """Base class of the LLM algorithms: model + named LoRA adapters, optimizer, log-probs, cloning.
+
+    Args:
+        pad_token_id: id used to pad batches (may equal the eos id; masks never rely on it).
+        pad_token: the pad token's text.
+        model_name: path or name for ``AutoModelForCausalLM.from_pretrained`` (when no actor_network).
+        actor_network: a HuggingFace causal LM, or a ``PeftModel`` whose active LoRA adapter becomes the actor.
+        model_config: keyword arguments for ``from_pretrained`` when loading by ``model_name``.
+        hp_config: hyperparameter mutation ranges (evolution); None disables mutation.
+        index: the agent's id in a population.
+        batch_size: experiences per optimizer step.
+        lr: peak learning rate of AdamW on the adapters.
+        max_grad_norm: gradient-norm clip; None disables clipping.
+        micro_batch_size_per_gpu: rows per forward/backward; gradients accumulate over
+            ``batch_size // micro_batch_size_per_gpu`` of them. None means one micro-batch per step.
+        lora_config: LoRA settings for every adapter; None uses ``default_lora_config()``.
+        cosine_lr_schedule_config: warm-up + cosine schedule; None keeps the lr constant.
+        use_separate_reference_adapter: keep a frozen ``reference`` adapter for the KL anchor; when False the
+            reference log-probs come from the base model with adapters disabled.
+        accelerator: an ``accelerate.Accelerator`` for DDP / DeepSpeed; None for one plain process.
+        device: "cpu" or "cuda" (ignored when an accelerator is given: its device is used).
+        wrap: prepare the model and optimizer with the accelerator on construction.
+        clone: internal; True when the instance is being built as a clone.
+        seed: seeds python, numpy and torch on construction.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        cast_logprobs_to_fp32: reduce log-probs in fp32 (see ``fused_logprobs``).
+        fused_logprobs_chunk_rows: rows per logits tile in the fused op; None auto-sizes to ~256 MB.
+        calc_position_embeddings: derive position ids from the attention mask (left padding).
+    """
+
+    uses_critic: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_token: str,
+        model_name: str | None = None,
+        actor_network: PreTrainedModel | PeftModel | None = None,
+        model_config: dict[str, Any] | None = None,
+        hp_config: Any | None = None,
+        index: int = 0,
+        batch_size: int = 16,
+        lr: float = 5e-7,
+        max_grad_norm: float | None = 0.1,
+        micro_batch_size_per_gpu: int | None = None,
+        lora_config: LoraConfig | None = None,
+        cosine_lr_schedule_config: CosineLRScheduleConfig | None = None,
+        use_separate_reference_adapter: bool = True,
+        accelerator: Any | None = None,
+        device: str = "cpu",
+        wrap: bool = True,
+        clone: bool = False,
+        seed: int = 42,
+        gradient_checkpointing: bool = True,
+        cast_logprobs_to_fp32: bool = True,
+        fused_logprobs_chunk_rows: int | None = None,
+        calc_position_embeddings: bool = True,
+    ) -> None:
+        _check_base_arguments(pad_token_id, batch_size, lr, max_grad_norm, micro_batch_size_per_gpu, index)
+        if fused_logprobs_chunk_rows is not None and fused_logprobs_chunk_rows < 1:
+            raise ValueError(f"fused_logprobs_chunk_rows must be >= 1 or None, got {fused_logprobs_chunk_rows}.")
+        self.pad_token_id = pad_token_id
+        self.pad_token = pad_token
+        self.model_name = model_name
+        self.hp_config = hp_config
+        self._index = index
+        self.batch_size = batch_size
+        self.lr = lr
+        self.max_grad_norm = max_grad_norm
+        self.micro_batch_size_per_gpu = micro_batch_size_per_gpu or batch_size
+        self.cosine_lr_schedule_config = cosine_lr_schedule_config
+        self.use_separate_reference_adapter = use_separate_reference_adapter
+        self.accelerator = accelerator
+        self.device = torch.device(accelerator.device if accelerator is not None else device)
+        self.seed = seed
+        self.gradient_checkpointing = gradient_checkpointing
+        self.cast_logprobs_to_fp32 = cast_logprobs_to_fp32
+        self.fused_logprobs_chunk_rows = fused_logprobs_chunk_rows
+        self.calc_position_embeddings = calc_position_embeddings
+        self.reference_update_tracker = 0
+        self.fitness: list[float] = []
+        self.mutation_hooks: list[Callable[[], None]] = []
+        if clone:
+            return  # clone() fills in the collaborators itself
+        _seed_everything(seed)
+        network = _load_network(actor_network, model_name, model_config)
+        if gradient_checkpointing:
+            enable_activation_checkpointing(network)
+        self.adapters = AdapterSet(network, lora_config, self.adapter_names())
+        self.actor = self.adapters.model.to(self.device)
+        self.policy_forward = HiddenStatesModel(self.actor, calc_position_embeddings)
+        self._build_optimizer()
+        if accelerator is not None and wrap:
+            self.wrap_models()
+
+    # ------------------------------------------------------------------------------------------ adapters
+    def adapter_names(self) -> tuple[str, ...]:
+        """The adapters this algorithm keeps on its base model."""
+        names = [ACTOR]
+        if self.use_separate_reference_adapter:
+            names.append(REFERENCE)
+        if self.uses_critic:
+            names.append(CRITIC)
+        return tuple(names)
+
+    @property
+    def lora_config(self) -> LoraConfig:
+        """The live LoRA config shared by all adapters."""
+        return self.adapters.lora_config
+
+    def use_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter (reference stays frozen, actor/critic trainable)."""
+        self.adapters.activate(adapter_name)
+
+    @contextmanager
+    def select_adapter(self, adapter_name: str) -> Iterator[None]:
+        """Temporarily switch adapter; the actor is active again on exit."""
+        try:
+            with self.adapters.using(adapter_name):
+                yield
+        finally:
+            self.adapters.activate(ACTOR)
+
+    @contextmanager
+    def _reference_policy(self) -> Iterator[None]:
+        """The KL anchor: the reference adapter, or the bare base model when there is none."""
+        if self.use_separate_reference_adapter:
+            with self.adapters.using(REFERENCE):
+                yield
+        else:
+            with self.adapters.disabled():
+                yield
+
+    def set_reference_policy(self, reference_update_tracker: int) -> None:
+        """Copy the actor onto the reference once the tracker advances past the stored value."""
+        if reference_update_tracker <= self.reference_update_tracker:
+            return
+        self.reference_update_tracker = reference_update_tracker
+        if self.use_separate_reference_adapter:
+            self.adapters.copy(ACTOR, REFERENCE)
+        elif not getattr(self, "_warned_fixed_reference", False):
+            self._warned_fixed_reference = True
+            warnings.warn(
+                "set_reference_policy has no effect without a separate reference adapter: the reference is the frozen "
+                "base model. Pass use_separate_reference_adapter=True to move the KL anchor.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------------------------------ log-probs
+    def get_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        policy: str = ACTOR,
+        temperature: float = 1.0,
+        requires_grad: bool = False,
+        return_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of each next token: (B, S) ids -> (B, S-1) log-probs [, entropies].
+
+        Args:
+            policy: "actor", "critic", "reference" (the reference adapter, or the base when there is none)
+                or "base" (adapters disabled).
+            temperature: the logits are divided by it, matching how the tokens were sampled.
+            requires_grad: keep the graph for backward (training forward); otherwise runs under no_grad in
+                micro-batches of ``micro_batch_size_per_gpu`` rows.
+        """
+        if requires_grad:
+            with self._policy_context(policy):
+                return self._forward_logprobs(input_ids, attention_mask, temperature, return_entropy)
+        chunks = []
+        with torch.no_grad(), self._policy_context(policy):
+            for start in range(0, input_ids.shape[0], self.micro_batch_size_per_gpu):
+                rows = slice(start, start + self.micro_batch_size_per_gpu)
+                chunks.append(
+                    self._forward_logprobs(input_ids[rows], attention_mask[rows], temperature, return_entropy)
+                )
+        if return_entropy:
+            return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        return torch.cat(chunks)
+
+    @contextmanager
+    def _policy_context(self, policy: str) -> Iterator[None]:
+        if policy == REFERENCE:
+            with self._reference_policy():
+                yield
+        elif policy == "base":
+            with self.adapters.disabled():
+                yield
+        else:
+            with self.adapters.using(policy):
+                yield
+
+    def _forward_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float, return_entropy: bool
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        # Columns that are padding in every row (the batch's shared left/right padding) are skipped; the
+        # result is zero there, like any other padded position.
+        columns = attention_mask.any(dim=0).nonzero()
+        first, last = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, input_ids.shape[1])
+        hidden = self.policy_forward(input_ids[:, first:last], attention_mask[:, first:last])
+        weight, bias = self.policy_forward_module.output_head()
+        result = fused_logprobs(
+            hidden[:, :-1],
+            weight,
+            input_ids[:, first + 1 : last],
+            bias=bias,
+            temperature=temperature,
+            chunk_rows=self.fused_logprobs_chunk_rows,
+            cast_logprobs_to_fp32=self.cast_logprobs_to_fp32,
+            return_entropy=return_entropy,
+        )
+        padding = (first, input_ids.shape[1] - last)
+        if return_entropy:
+            return tuple(torch.nn.functional.pad(r, padding) for r in result)
+        return torch.nn.functional.pad(result, padding)
+
+    @property
+    def policy_forward_module(self) -> HiddenStatesModel:
+        """The ``HiddenStatesModel`` with any accelerator wrapper removed."""
+        if self.accelerator is not None:
+            return self.accelerator.unwrap_model(self.policy_forward)
+        return self.policy_forward
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def sampling_settings(self) -> SamplingSettings:
+        """The training-rollout sampling settings, read from the (mutable) hyperparameter attributes."""
+        names = SamplingSettings.model_fields
+        missing = [name for name in names if not hasattr(self, name)]
+        if missing:
+            raise NotImplementedError(f"{type(self).__name__} does not generate completions (no {missing[0]}).")
+        return SamplingSettings(**{name: getattr(self, name) for name in names})
+
+    def get_action(
+        self, obs: PromptBatch | dict[str, torch.Tensor], training: bool = True, repeat_prompts: bool = True
+    ) -> ActionResult:
+        """Completions for a batch of prompts, generated by the actor with gradients off.
+
+        Args:
+            obs: a ``PromptBatch`` (or a dict with left-padded ``input_ids`` and ``attention_mask``).
+            training: sample with the training settings, ``group_size`` completions per prompt; otherwise
+                decode one completion per prompt greedily.
+            repeat_prompts: with ``training``, repeat each prompt ``group_size`` times; False treats every
+                row as its own trajectory (one completion each).
+        """
+        prompt_ids, prompt_mask = (
+            (obs.input_ids, obs.attention_mask)
+            if isinstance(obs, PromptBatch)
+            else (obs["input_ids"], obs["attention_mask"])
+        )
+        group_size = getattr(self, "group_size", 1) if training and repeat_prompts else 1
+        self.set_training_mode(False)
+        with self.select_adapter(ACTOR):
+            return generate_completions(
+                self.actor,
+                prompt_ids.to(self.device),
+                prompt_mask.to(self.device),
+                num_completions=group_size,
+                sampling=self.sampling_settings(),
+                do_sample=training,
+                pad_token_id=self.pad_token_id,
+                eos_token_ids=self._eos_token_ids(),
+                chunk_size=getattr(self, "hf_generate_chunk_size", None),
+            )
+
+    def _eos_token_ids(self) -> list[int]:
+        eos = self.actor.generation_config.eos_token_id
+        if eos is None:
+            eos = self.actor.config.eos_token_id
+        if eos is None:
+            raise ValueError("The model defines no eos_token_id (generation_config or config); set one.")
+        return [eos] if isinstance(eos, int) else list(eos)
+
+    def test(self, env: ReasoningGym, loop: int = 1) -> torch.Tensor:
+        """Greedy completions for the whole held-out split, ``loop`` times; returns every reward.
+
+        The mean reward is appended to ``self.fitness``.
+        """
+        rewards = []
+        with env.eval_mode():
+            for _ in range(loop):
+                prompts = env.reset()
+                while prompts is not None:
+                    prompts, batch_rewards = env.step(self.get_action(prompts, training=False))
+                    rewards.append(batch_rewards.flatten())
+        all_rewards = torch.cat(rewards)
+        self.fitness.append(float(all_rewards.mean()))
+        return all_rewards
+
+    # ------------------------------------------------------------------------------------------ optimisation
+    def _build_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.adapters.trainable_parameters(), self.lr)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cosine_lr_schedule_config)
+
+    def reinit_optimizers(self) -> None:
+        """Fresh optimizer and schedule over the trainable adapters (state is dropped)."""
+        self._build_optimizer()
+        if self.accelerator is not None:
+            self.optimizer = self.accelerator.prepare(self.optimizer)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def _optimizer_step(self) -> float:
+        """Clip, step the optimizer and schedule, zero grads; returns the pre-clip gradient norm."""
+        parameters = self.adapters.trainable_parameters()
+        max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
+        if self.accelerator is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def get_lr_names(self) -> list[str]:
+        """Names of the learning-rate attributes (mutated by evolution)."""
+        return ["lr"]
+
+    @staticmethod
+    def update_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+        """Set a new peak learning rate on ``optimizer`` (schedules keep their shape)."""
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
+        set_learning_rate(optimizer, lr)
+
+    # ------------------------------------------------------------------------------------------ modes & wrapping
+    def set_training_mode(self, training: bool) -> None:
+        """Train mode enables LoRA dropout and gradient checkpointing; eval mode disables both."""
+        self.actor.train(training)
+
+    def wrap_models(self) -> None:
+        """Prepare the training forward, optimizer and schedule with the accelerator (together, for DeepSpeed)."""
+        if self.accelerator is None:
+            return
+        if self.lr_scheduler is not None:
+            self.policy_forward, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+                self.policy_forward, self.optimizer, self.lr_scheduler
+            )
+        else:
+            self.policy_forward, self.optimizer = self.accelerator.prepare(self.policy_forward, self.optimizer)
+
+    def unwrap_models(self) -> None:
+        """Remove the accelerator's wrapper from the training forward."""
+        if self.accelerator is not None:
+            self.policy_forward = self.accelerator.unwrap_model(self.policy_forward)
+
+    def to_device(self, *experiences: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Move tensors to the agent's device."""
+        return tuple(e.to(self.device) if isinstance(e, torch.Tensor) else e for e in experiences)
+
+    def clean_up(self) -> None:
+        """Release the networks and optimizer (and the accelerator's references to them)."""
+        if self.accelerator is not None:
+            self.accelerator.free_memory()
+        for name in ("policy_forward", "actor", "adapters", "optimizer", "lr_scheduler"):
+            self.__dict__.pop(name, None)
+
+    # ------------------------------------------------------------------------------------------ population
+    @property
+    def index(self) -> int:
+        """The agent's id in its population."""
+        return self._index
+
+    @index.setter
+    def index(self, value: int) -> None:
+        self._index = value
+
+    def register_mutation_hook(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` after every mutation of this agent (and of its clones)."""
+        self.mutation_hooks.append(hook)
+
+    def mutation_hook(self) -> None:
+        """Run the registered mutation hooks."""
+        for hook in self.mutation_hooks:
+            hook()
+
+    def clone(self, index: int | None = None, wrap: bool = True) -> LLMAlgorithm:
+        """An independent agent with identical adapters, optimizer and schedule state.
+
+        The frozen base weights are shared (same tensors): a clone costs its adapters and optimizer state
+        only. Training the clone never changes this agent, and vice versa.
+        """
+        clone = object.__new__(type(self))
+        for name, value in self.__dict__.items():
+            if name not in _COLLABORATORS:
+                clone.__dict__[name] = copy.deepcopy(value)
+        clone.accelerator = self.accelerator
+        clone.hp_config = self.hp_config
+        clone.mutation_hooks = list(self.mutation_hooks)
+        clone.adapters = copy.copy(self.adapters)
+        clone.adapters.model = _copy_sharing_base(self.actor)
+        clone.actor = clone.adapters.model
+        clone.policy_forward = HiddenStatesModel(clone.actor, self.calc_position_embeddings)
+        clone._build_optimizer()
+        clone.optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+        if self.lr_scheduler is not None:
+            clone.lr_scheduler.load_state_dict(copy.deepcopy(self.lr_scheduler.state_dict()))
+        if index is not None:
+            clone.index = index
+        if self.accelerator is not None and wrap:
+            clone.wrap_models()
+        return clone
+
+    @staticmethod
+    def inspect_attributes(agent: LLMAlgorithm, input_args_only: bool = False) -> dict[str, Any]:
+        """The agent's plain-data attributes (hyperparameters and settings), without networks or optimizers.
+
+        Args:
+            input_args_only: keep only attributes that are constructor arguments.
+        """
+        attributes = {"index": agent.index}
+        for name, value in vars(agent).items():
+            if name.startswith("_") or name in _COLLABORATORS or not _is_plain(value):
+                continue
+            attributes[name] = value
+        if input_args_only:
+            accepted = set()
+            for cls in type(agent).__mro__:
+                if "__init__" in cls.__dict__:
+                    accepted |= set(inspect.signature(cls.__init__).parameters)
+            attributes = {name: value for name, value in attributes.items() if name in accepted}
+        return attributes
+
+
+def _is_plain(value: Any) -> bool:
+    """True for data that round-trips through JSON-like formats (and torch.load(weights_only=True))."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _check_base_arguments(
+    pad_token_id: int,
+    batch_size: int,
+    lr: float,
+    max_grad_norm: float | None,
+    micro_batch_size_per_gpu: int | None,
+    index: int,
+) -> None:
+    if not isinstance(pad_token_id, int) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}.")
+    if max_grad_norm is not None and max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}.")
+    if micro_batch_size_per_gpu is not None:
+        if micro_batch_size_per_gpu < 1 or batch_size % micro_batch_size_per_gpu != 0:
+            raise ValueError(
+                f"micro_batch_size_per_gpu={micro_batch_size_per_gpu!r} must be >= 1 and divide "
+                f"batch_size={batch_size}; gradients accumulate over batch_size // micro_batch_size_per_gpu steps."
+            )
+    if not isinstance(index, int) or index < 0:
+        raise ValueError(f"index must be a non-negative int, got {index!r}.")
+
+
+def _load_network(
+    actor_network: PreTrainedModel | PeftModel | None, model_name: str | None, model_config: dict[str, Any] | None
+) -> PreTrainedModel | PeftModel:
+    if actor_network is not None and model_name is not None:
+        raise ValueError("Pass either actor_network or model_name, not both.")
+    if actor_network is not None:
+        return actor_network
+    if model_name is None:
+        raise ValueError("Pass actor_network (a HuggingFace causal LM) or model_name (a path for from_pretrained).")
+    return AutoModelForCausalLM.from_pretrained(model_name, **(model_config or {}))
+
+
+def _copy_sharing_base(peft_model: PeftModel) -> PeftModel:
+    """Deep-copy a PEFT model but keep pointing at the same frozen base tensors (adapters are copied)."""
+    shared = {id(p): p for name, p in peft_model.named_parameters() if "lora_" not in name}
+    return copy.deepcopy(peft_model, memo=shared)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,331 @@
+"""GRPO, GSPO and CISPO: group-relative policy optimisation of an LLM's actor adapter.
+
+One learning step, top to bottom (``GRPO.learn``):
+
+1. rewards (B prompts x G completions) -> group-relative advantages on action tokens
+   (``advantages.compute_grpo_token_advantages``); optionally drop rows with no signal;
+2. behaviour ("old") and reference log-probs under no_grad;
+3. for each epoch, for each mini-batch of ``batch_size`` rows, for each micro-batch:
+   log-probs with grad -> ``losses.grpo_policy_loss`` -> backward; then one clipped optimizer step.
+
+The objective is picked by ``loss_type``: "grpo" (DeepSeekMath, token-level clipped surrogate),
+"gspo" (Zheng et al. 2025, the same surrogate on the length-normalised sequence ratio) and "cispo"
+(MiniMax-M1 2025, clamped detached IS weight times log-prob). Where we deviate from the papers:
+
+* the KL penalty uses the k3 estimator of KL(pi || pi_ref) on action tokens, added to the loss with
+  weight ``beta`` (or folded into the advantages with ``use_kl_advantage_shaping``);
+* the loss is the token mean over the whole optimizer batch (not a mean of per-sequence means), so
+  gradient accumulation over micro-batches and ranks gives the same gradient as one big batch;
+* when one update sees each row exactly once (``update_epochs=1`` and one mini-batch), the behaviour
+  log-probs equal the current ones, so their extra no-grad forward is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agilerl_llm.advantages import compute_grpo_token_advantages, nonzero_advantage_rows, resolve_advantage_granularity
+from agilerl_llm.algorithms.base import LLMAlgorithm
+from agilerl_llm.algorithms.experience import Experience, micro_batches
+from agilerl_llm.losses import grpo_policy_loss, resolve_clip_bounds, resolve_importance_sampling_level
+from agilerl_llm.rollout.base import SamplingSettings
+
+# Constructor arguments of features that arrive in later releases (GPU-only paths). Passing a
+# non-default value raises instead of silently training without the feature.
+_NOT_YET_AVAILABLE = {
+    "use_vllm": False,
+    "vllm_config": None,
+    "quantization_config": None,
+    "torch_compiler": None,
+    "lora_target_scope": None,
+}
+
+
+class GRPOSettings(BaseModel):
+    """The GRPO-specific hyperparameters, validated once at construction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group_size: int = Field(default=8, ge=2)
+    beta: float = Field(default=0.001, ge=0.0)
+    clip_coef: float | tuple[float, float] = 0.2
+    update_epochs: int = Field(default=1, ge=1)
+    loss_type: Literal["grpo", "gspo", "cispo"] = "grpo"
+    importance_sampling_level: Literal["token", "turn", "trajectory"] | None = None
+    advantage_granularity: Literal["auto", "trajectory", "turn"] = "auto"
+    adv_norm: Literal["mean_std", "mean_only"] = "mean_std"
+    whiten_advantages: bool = False
+    adv_clip_range: float | None = Field(default=None, gt=0.0)
+    filter_zero_adv: bool = False
+    adv_filter_eps: float = Field(default=0.0, ge=0.0)
+    use_kl_advantage_shaping: bool = False
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_cap: float = Field(default=2.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_clip_coef(self) -> GRPOSettings:
+        resolve_clip_bounds(self.clip_coef)  # raises ValueError naming clip_coef
+        return self
+
+
+class GRPO(LLMAlgorithm):
+    """Group Relative Policy Optimization on a LoRA actor (``loss_type`` "grpo" | "gspo" | "cispo").
+
+    Takes every argument of ``LLMAlgorithm`` plus the GRPO hyperparameters of ``GRPOSettings`` and the
+    sampling settings of ``SamplingSettings`` (temperature, top_p, top_k, min_p, repetition_penalty,
+    max_output_tokens, min_output_tokens, max_model_len), with the AgileRL names and defaults.
+    """
+
+    default_loss_type = "grpo"
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_token: str,
+        *,
+        group_size: int = 8,
+        beta: float = 0.001,
+        clip_coef: float | tuple[float, float] = 0.2,
+        update_epochs: int = 1,
+        loss_type: str | None = None,
+        importance_sampling_level: str | None = None,
+        advantage_granularity: str = "auto",
+        action_granularity: str | None = None,
+        adv_norm: str = "mean_std",
+        whiten_advantages: bool = False,
+        adv_clip_range: float | None = None,
+        filter_zero_adv: bool = False,
+        adv_filter_eps: float = 0.0,
+        use_kl_advantage_shaping: bool = False,
+        temperature: float = 0.9,
+        repetition_penalty: float = 1.0,
+        top_p: float = 0.95,
+        top_k: int | None = 50,
+        min_p: float = 0.0,
+        max_output_tokens: int | None = None,
+        min_output_tokens: int = 0,
+        max_model_len: int = 1024,
+        hf_generate_chunk_size: int | None = None,
+        use_liger_loss: bool = False,
+        fused_loss_chunk_rows: int | None = None,
+        use_sequence_packing: bool = False,
+        use_memory_efficient_params: bool = True,
+        activation_offload: bool = False,
+        reduce_memory_peak: bool | None = None,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_cap: float = 2.0,
+        **base_kwargs: Any,
+    ) -> None:
+        if loss_type is not None and type(self) is not GRPO and loss_type != self.default_loss_type:
+            raise ValueError(
+                f"{type(self).__name__} pins loss_type={self.default_loss_type!r}; got loss_type={loss_type!r}. "
+                "Use GRPO(loss_type=...) to choose another objective."
+            )
+        loss_type = loss_type or self.default_loss_type
+        self._reject_unavailable(base_kwargs)
+        if action_granularity is not None:
+            warnings.warn("action_granularity is deprecated; use advantage_granularity.", DeprecationWarning, 2)
+            advantage_granularity = action_granularity
+        if reduce_memory_peak is not None:
+            warnings.warn("reduce_memory_peak is ignored; set micro_batch_size_per_gpu.", DeprecationWarning, 2)
+        if use_liger_loss:
+            warnings.warn(
+                "use_liger_loss=True: the Liger path is not available yet; using the standard fused path.",
+                UserWarning,
+                2,
+            )
+        if hf_generate_chunk_size is not None and hf_generate_chunk_size < 1:
+            raise ValueError(f"hf_generate_chunk_size must be >= 1 or None, got {hf_generate_chunk_size}.")
+        settings = GRPOSettings(
+            group_size=group_size,
+            beta=beta,
+            clip_coef=clip_coef,
+            update_epochs=update_epochs,
+            loss_type=loss_type,
+            importance_sampling_level=importance_sampling_level,
+            advantage_granularity=advantage_granularity,
+            adv_norm=adv_norm,
+            whiten_advantages=whiten_advantages,
+            adv_clip_range=adv_clip_range,
+            filter_zero_adv=filter_zero_adv,
+            adv_filter_eps=adv_filter_eps,
+            use_kl_advantage_shaping=use_kl_advantage_shaping,
+            vllm_importance_sampling_correction=vllm_importance_sampling_correction,
+            vllm_importance_sampling_cap=vllm_importance_sampling_cap,
+        )
+        level, message = resolve_importance_sampling_level(settings.loss_type, settings.importance_sampling_level)
+        if message:
+            warnings.warn(message, UserWarning, 2)
+        sampling = SamplingSettings(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            max_output_tokens=max_output_tokens,
+            min_output_tokens=min_output_tokens,
+            max_model_len=max_model_len,
+        )
+        self.__dict__.update(settings.model_dump())
+        self.importance_sampling_level = level
+        self.__dict__.update(sampling.model_dump())
+        self.hf_generate_chunk_size = hf_generate_chunk_size
+        self.use_liger_loss = use_liger_loss
+        self.fused_loss_chunk_rows = fused_loss_chunk_rows
+        self.use_sequence_packing = use_sequence_packing  # inert without a FlashAttention-2 / Flex backend
+        self.use_memory_efficient_params = use_memory_efficient_params  # inert without colocated vLLM
+        self.activation_offload = activation_offload
+        self.fitness: list[float] = []
+        super().__init__(pad_token_id, pad_token, **base_kwargs)
+
+    @staticmethod
+    def _reject_unavailable(kwargs: dict[str, Any]) -> None:
+        for name, default in _NOT_YET_AVAILABLE.items():
+            if kwargs.pop(name, default) not in (default, False):
+                raise NotImplementedError(
+                    f"{name} is accepted for API compatibility but its feature is not available in this release; "
+                    f"leave {name}={default!r}."
+                )
+
+    @property
+    def clip_bounds(self) -> tuple[float, float]:
+        """(ratio_low, ratio_high) from ``clip_coef``."""
+        return resolve_clip_bounds(self.clip_coef)
+
+    # ------------------------------------------------------------------------------------------ learning
+    def learn(
+        self,
+        experiences: Any,
+        turn_ids: torch.Tensor | None = None,
+        sampling_logps: list[torch.Tensor | None] | None = None,
+    ) -> dict[str, float]:
+        """One GRPO update from ``(completion_ids, action_masks, rewards[, attention_mask])`` or an ``Experience``.
+
+        Returns:
+            ``mean_loss`` and ``mean_kl`` (per optimizer step, averaged), plus ``clip_fraction``, ``entropy``,
+            ``grad_norm``, ``ratio_mean``, ``rows_kept`` and ``lr``.
+        """
+        batch = Experience.from_input(experiences, self.pad_token_id, self.device)
+        if sampling_logps is not None:
+            raise NotImplementedError(
+                "sampling_logps (the vLLM mismatch correction) needs the vLLM rollout engine, "
+                "which is not available in this release; pass sampling_logps=None."
+            )
+        granularity = resolve_advantage_granularity(self.advantage_granularity, self.importance_sampling_level)
+        if granularity == "turn" and (turn_ids is None or batch.rewards.dim() != 2):
+            warnings.warn(
+                "advantage_granularity resolved to 'turn' but turn_ids or per-turn rewards are missing; "
+                "using trajectory advantages.",
+                UserWarning,
+                2,
+            )
+        if self.importance_sampling_level == "turn" and turn_ids is None:
+            raise ValueError('importance_sampling_level="turn" needs turn_ids in learn().')
+        advantages = compute_grpo_token_advantages(
+            batch.rewards,
+            batch.action_mask,
+            self.group_size,
+            adv_norm=self.adv_norm,
+            granularity=granularity,
+            turn_ids=turn_ids,
+            whiten=self.whiten_advantages,
+            clip_range=self.adv_clip_range,
+        )
+        batch = batch.with_fields(advantages=advantages, turn_ids=turn_ids)
+        if self.filter_zero_adv:
+            batch = batch.select(nonzero_advantage_rows(advantages, batch.action_mask, self.adv_filter_eps))
+        if batch.num_rows == 0:
+            return {"mean_loss": 0.0, "mean_kl": 0.0, "rows_kept": 0.0}
+        single_pass = self.update_epochs == 1 and batch.num_rows <= self.batch_size
+        batch = batch.with_fields(
+            old_logprobs=None if single_pass else self._no_grad_logprobs(batch, "actor"),
+            ref_logprobs=self._no_grad_logprobs(batch, "reference") if self.beta > 0 else None,
+        )
+        self.set_training_mode(True)
+        totals: dict[str, float] = {}
+        for _ in range(self.update_epochs):
+            order = torch.randperm(batch.num_rows)
+            for start in range(0, batch.num_rows, self.batch_size):
+                step_metrics = self._optimise_mini_batch(batch.select(order[start : start + self.batch_size]))
+                for key, value in step_metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value
+        steps = totals.pop("steps")
+        metrics = {key: value / steps for key, value in totals.items()}
+        metrics |= {
+            "mean_loss": metrics.pop("loss"),
+            "mean_kl": metrics.pop("kl"),
+            "rows_kept": float(batch.num_rows),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        return metrics
+
+    def _no_grad_logprobs(self, batch: Experience, policy: str) -> torch.Tensor:
+        self.set_training_mode(False)
+        return self.get_logprobs(
+            batch.completion_ids, batch.attention_mask, policy=policy, temperature=self.temperature
+        )
+
+    def _optimise_mini_batch(self, mini_batch: Experience) -> dict[str, float]:
+        """Accumulate gradients over micro-batches of one mini-batch, then take one optimizer step."""
+        num_tokens = mini_batch.action_mask.sum().float()
+        if self.accelerator is not None:
+            num_tokens = self.accelerator.reduce(num_tokens, reduction="sum")
+        normalizer = num_tokens.clamp(min=1.0)
+        sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "entropy": 0.0}
+        ratio_low, ratio_high = self.clip_bounds
+        for micro in micro_batches(mini_batch, self.micro_batch_size_per_gpu):
+            with self._activation_offload():
+                logprobs, entropy = self.get_logprobs(
+                    micro.completion_ids,
+                    micro.attention_mask,
+                    temperature=self.temperature,
+                    requires_grad=True,
+                    return_entropy=True,
+                )
+                output = grpo_policy_loss(
+                    logprobs,
+                    logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs,
+                    micro.ref_logprobs,
+                    micro.advantages,
+                    micro.action_mask,
+                    loss_type=self.loss_type,
+                    ratio_low=ratio_low,
+                    ratio_high=ratio_high,
+                    beta=self.beta,
+                    num_tokens_normalizer=normalizer,
+                    importance_sampling_level=self.importance_sampling_level,
+                    turn_ids=micro.turn_ids,
+                    use_kl_advantage_shaping=self.use_kl_advantage_shaping,
+                )
+                self._backward(output.loss)
+            sums["loss"] += float(output.loss.detach())
+            sums["kl"] += float(output.kl)
+            sums["clip_fraction"] += float(output.clip_fraction)
+            sums["ratio_mean"] += float(output.ratio_mean)
+            sums["entropy"] += float((entropy * micro.action_mask).sum() / normalizer)
+        sums["grad_norm"] = self._optimizer_step()
+        sums["steps"] = 1.0
+        return sums
+
+    def _activation_offload(self) -> contextlib.AbstractContextManager:
+        """Keep tensors saved for backward in host memory (``activation_offload``); a no-op otherwise."""
+        if self.activation_offload:
+            return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+        return contextlib.nullcontext()
+
+
+class GSPO(GRPO):
+    """GRPO with the sequence-level (length-normalised) importance ratio: ``loss_type="gspo"``."""
+
+    default_loss_type = "gspo"
+
+
+class CISPO(GRPO):
+    """GRPO with the clamped, detached importance weight times log-prob: ``loss_type="cispo"``."""
+
+    default_loss_type = "cispo"

@@ -1,0 +1,233 @@
+"""Named LoRA adapters on one frozen base model: the only module that touches PEFT plumbing.
+
+An agent's network is a single ``peft.PeftModel`` holding up to three adapters over the same frozen
+base weights:
+
+* ``actor``     the policy being trained (always present);
+* ``reference`` a frozen snapshot of the actor that anchors the KL penalty (optional);
+* ``critic``    the value model's adapter, trained alongside the actor (PPO only).
+
+PEFT's ``set_adapter`` marks only the active adapter trainable. We want a fixed rule instead (actor and
+critic always trainable, reference and base never), so that the optimizer's parameter set and the
+gradient hooks of DDP / DeepSpeed do not change when the active adapter does; ``AdapterSet`` re-applies
+that rule after every switch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedModel
+
+ACTOR = "actor"
+REFERENCE = "reference"
+CRITIC = "critic"
+ADAPTER_NAMES = (ACTOR, REFERENCE, CRITIC)
+TRAINABLE_ADAPTERS = frozenset({ACTOR, CRITIC})
+
+# LoRA config fields that change the adapter's weight shapes or what its weights mean. Two configs that
+# agree on these can exchange adapter weights; any other difference (e.g. dropout) is harmless.
+SHAPE_DEFINING_LORA_FIELDS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "modules_to_save",
+    "bias",
+    "use_rslora",
+    "use_dora",
+    "fan_in_fan_out",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+)
+
+
+def default_lora_config() -> LoraConfig:
+    """Rank-16 LoRA on every linear layer except the lm_head, with no dropout.
+
+    No dropout by default: with dropout the "old" log-probs of the rollout and the first training
+    forward differ, so the importance ratio of the first update is not exactly 1.
+    """
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none", task_type="CAUSAL_LM"
+    )
+
+
+def lora_config_differences(saved: LoraConfig, live: LoraConfig) -> list[str]:
+    """Names and values of the shape-defining fields on which two LoRA configs disagree."""
+    differences = []
+    for field in SHAPE_DEFINING_LORA_FIELDS:
+        saved_value, live_value = _normalise(getattr(saved, field, None)), _normalise(getattr(live, field, None))
+        if saved_value != live_value:
+            differences.append(f"{field}: checkpoint={saved_value!r}, live={live_value!r}")
+    return differences
+
+
+def _normalise(value: object) -> object:
+    # PEFT stores target_modules as a set or list depending on how the config was made.
+    if isinstance(value, (set, list, tuple)):
+        return sorted(value)
+    return value
+
+
+class AdapterSet:
+    """A PEFT model with named adapters, and the rules for switching, freezing and copying them.
+
+    Args:
+        model: a HuggingFace causal LM, or a ``PeftModel`` whose active adapter becomes the actor.
+        lora_config: LoRA settings for every adapter; ``None`` uses the PeftModel's own config, or
+            ``default_lora_config()`` for a plain model.
+        adapter_names: which adapters to create; must include "actor".
+    """
+
+    def __init__(
+        self, model: PreTrainedModel | PeftModel, lora_config: LoraConfig | None, adapter_names: tuple[str, ...]
+    ) -> None:
+        unknown = [name for name in adapter_names if name not in ADAPTER_NAMES]
+        if unknown or ACTOR not in adapter_names:
+            raise ValueError(f"adapter_names={adapter_names!r} must include 'actor' and only use {ADAPTER_NAMES}.")
+        initial_actor_weights = None
+        if isinstance(model, PeftModel):
+            model, lora_config, initial_actor_weights = _take_over_peft_model(model, lora_config)
+        lora_config = lora_config if lora_config is not None else default_lora_config()
+        if not isinstance(lora_config, LoraConfig):
+            raise ValueError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}.")
+        self.names = tuple(adapter_names)
+        self.model = _attach(model, lora_config, self.names)
+        if initial_actor_weights is not None:
+            set_peft_model_state_dict(self.model, initial_actor_weights, adapter_name=ACTOR)
+        if REFERENCE in self.names:
+            self.copy(ACTOR, REFERENCE)
+        self.active = ACTOR
+        self.activate(ACTOR)
+
+    @property
+    def lora_config(self) -> LoraConfig:
+        """The live LoRA config (as PEFT resolved it, e.g. 'all-linear' expanded to module names)."""
+        return self.model.peft_config[ACTOR]
+
+    # ----------------------------------------------------------------------------------------- switching
+    def check_name(self, name: str) -> None:
+        """Raise ``ValueError`` naming the argument when ``name`` is not an adapter of this set."""
+        if name not in self.names:
+            raise ValueError(f"adapter_name={name!r} is not an adapter of this agent; it has {list(self.names)}.")
+
+    def activate(self, name: str) -> None:
+        """Make ``name`` the adapter used by forward passes; actor/critic stay trainable, the rest frozen."""
+        self.check_name(name)
+        self.model.base_model.set_adapter(name)
+        self.active = name
+        for adapter, parameters in self._parameters_by_adapter().items():
+            for parameter in parameters:
+                parameter.requires_grad_(adapter in TRAINABLE_ADAPTERS)
+
+    @contextmanager
+    def using(self, name: str) -> Iterator[None]:
+        """Run a block with ``name`` active, then restore the adapter that was active before."""
+        previous = self.active
+        self.activate(name)
+        try:
+            yield
+        finally:
+            self.activate(previous)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run a block on the bare base model (every adapter bypassed)."""
+        with self.model.disable_adapter():
+            yield
+
+    # ----------------------------------------------------------------------------------------- weights
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's weights under PEFT's adapter-agnostic key names (as saved by save_pretrained)."""
+        self.check_name(name)
+        return get_peft_model_state_dict(self.model, adapter_name=name)
+
+    def load_state_dict(self, name: str, weights: dict[str, torch.Tensor]) -> None:
+        """Load weights keyed as ``state_dict`` returns them into adapter ``name``; every key must match."""
+        self.check_name(name)
+        expected = self.state_dict(name)
+        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Adapter weights for {name!r} do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}."
+            )
+        for key, tensor in weights.items():
+            if tensor.shape != expected[key].shape:
+                raise ValueError(
+                    f"Adapter weight {key!r} for {name!r} has shape {tuple(tensor.shape)} but the live adapter has "
+                    f"{tuple(expected[key].shape)}: the checkpoint was made for another base model or LoRA rank."
+                )
+        set_peft_model_state_dict(self.model, weights, adapter_name=name)
+        # set_peft_model_state_dict may touch requires_grad; restore our rule.
+        self.activate(self.active)
+
+    @torch.no_grad()
+    def copy(self, source: str, target: str) -> None:
+        """Overwrite adapter ``target``'s weights with ``source``'s (e.g. actor -> reference)."""
+        self.check_name(source)
+        self.check_name(target)
+        named = dict(self.model.named_parameters())
+        for parameter_name, parameter in named.items():
+            if f".{source}." in parameter_name:
+                named[parameter_name.replace(f".{source}.", f".{target}.")].copy_(parameter)
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """The adapter's own parameters, in a stable order."""
+        self.check_name(name)
+        return self._parameters_by_adapter()[name]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters the optimizer owns: the actor's, then the critic's when present."""
+        return [p for name in self.names if name in TRAINABLE_ADAPTERS for p in self.parameters(name)]
+
+    def _parameters_by_adapter(self) -> dict[str, list[torch.nn.Parameter]]:
+        grouped: dict[str, list[torch.nn.Parameter]] = {name: [] for name in self.names}
+        for parameter_name, parameter in self.model.named_parameters():
+            for name in self.names:
+                if f".{name}." in parameter_name or parameter_name.endswith(f".{name}"):
+                    grouped[name].append(parameter)
+                    break
+        return grouped
+
+
+def _attach(model: PreTrainedModel, lora_config: LoraConfig, names: tuple[str, ...]) -> PeftModel:
+    try:
+        peft_model = get_peft_model(model, lora_config, adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.add_adapter(name, lora_config)
+    except ValueError as error:
+        if "not found in the base model" in str(error) or "Target module" in str(error):
+            raise ValueError(
+                f"lora_config.target_modules={lora_config.target_modules!r} matches no module of this model "
+                f"({type(model).__name__}); name its linear layers (e.g. 'q_proj', 'v_proj') or use 'all-linear'."
+            ) from error
+        raise
+    for parameter_name, parameter in peft_model.named_parameters():
+        if "lora_" not in parameter_name:
+            parameter.requires_grad_(False)
+    return peft_model
+
+
+def _take_over_peft_model(
+    peft_model: PeftModel, lora_config: LoraConfig | None
+) -> tuple[PreTrainedModel, LoraConfig, dict[str, torch.Tensor]]:
+    """Strip a user's PeftModel back to its base, keeping its active adapter's config and weights."""
+    active = peft_model.active_adapter
+    peft_config = peft_model.peft_config[active]
+    if not isinstance(peft_config, LoraConfig):
+        raise ValueError(f"actor_network carries a {type(peft_config).__name__} adapter; only LoRA is supported.")
+    if lora_config is not None and (differences := lora_config_differences(peft_config, lora_config)):
+        raise ValueError(
+            "lora_config disagrees with the LoRA adapter already on actor_network ("
+            + "; ".join(differences).replace("checkpoint=", "actor_network=")
+            + "). Pass lora_config=None to use the network's own config."
+        )
+    weights = {
+        key: value.detach().clone() for key, value in get_peft_model_state_dict(peft_model, adapter_name=active).items()
+    }
+    base = peft_model.unload()
+    return base, lora_config or peft_config, weights

@@ -1,0 +1,84 @@
+"""The training forward: a causal LM run up to its final hidden states, never to full logits.
+
+Log-probs are computed from those hidden states and the lm_head weight by the fused chunked op in
+``model/logprobs.py``, so the (tokens x vocab) logits tensor is never materialised. This module is what
+an ``Accelerator`` wraps (DDP / DeepSpeed): every trainable parameter is used inside its ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them.
+
+    (B, S) mask -> (B, S) int64 positions; padded slots get position 0 (they are masked anyway).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant, so frozen inputs are fine)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class HiddenStatesModel(nn.Module):
+    """Wraps a PEFT causal LM; ``forward`` returns the final (normed) hidden states (B, S, H).
+
+    Args:
+        peft_model: the adapter-carrying causal LM.
+        calc_position_embeddings: pass explicit position ids derived from the attention mask (needed for
+            left-padded batches to match what ``generate`` computed).
+    """
+
+    def __init__(self, peft_model: PeftModel, calc_position_embeddings: bool = True) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.calc_position_embeddings = calc_position_embeddings
+        _check_output_head(self.causal_lm)
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The HuggingFace ``*ForCausalLM`` inside the PEFT wrapper (LoRA layers injected in place)."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The decoder stack below the lm_head."""
+        causal_lm = self.causal_lm
+        return getattr(causal_lm, causal_lm.base_model_prefix)
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The lm_head's weight (V, H) and bias (V,) or None."""
+        head = self.causal_lm.get_output_embeddings()
+        return head.weight, head.bias
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        position_ids = position_ids_from_mask(attention_mask) if self.calc_position_embeddings else None
+        outputs = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return outputs.last_hidden_state
+
+
+def _check_output_head(causal_lm: nn.Module) -> None:
+    head = causal_lm.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            f"The model's lm_head is a {type(head).__name__}, not a plain nn.Linear: log-probs are computed from its "
+            "weight directly. Remove 'lm_head' from lora_config.target_modules (and keep it unquantised)."
+        )
+    config = getattr(causal_lm, "config", None)
+    for attribute in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attribute, None) not in (None, 1.0):
+            raise ValueError(
+                f"model config sets {attribute}={getattr(config, attribute)!r}; the fused log-prob op does not "
+                "apply logit soft-capping or scaling yet, so its log-probs would be wrong for this model."
+            )

@@ -1,0 +1,298 @@
+"""Per-token log-probabilities of target ids, fused with the lm_head and computed in row chunks.
+
+Policy-gradient losses (GRPO, PPO, DPO) need ``log pi(y_n | context_n)`` for one token per position, but the
+textbook recipe ``log_softmax(hidden @ W.T).gather(...)`` materialises an (N, V) logits tensor, an (N, V)
+log-softmax and, in backward, two more (N, V) gradients. At N = 8k tokens and V = 150k one such tensor is
+~5 GB in fp32, more than a small policy. ``fused_logprobs`` gives the same values and gradients while only
+ever holding one (C, V) tile: the forward keeps O(N) statistics (the log-normaliser), and the backward
+recomputes each chunk's logits from the saved hidden states and weight.
+
+Math, per row n with temperature tau and optional bias b::
+
+    z_n       = (W h_n + b) / tau                             (V,)
+    lse_n     = log sum_v exp(z_nv)
+    logp_n    = z_n[y_n] - lse_n
+    entropy_n = lse_n - sum_v softmax(z_n)_v z_nv             (returned detached: a metric)
+
+Backward, for the upstream gradient g_n = dL/dlogp_n::
+
+    dL/dz_n = g_n (onehot(y_n) - softmax(z_n))                (V,)
+    dL/dh_n = (dL/dz_n / tau) W                               (H,)
+    dL/dW   = sum_n (dL/dz_n / tau)^T h_n                     (V, H)
+    dL/db   = sum_n dL/dz_n / tau                             (V,)
+
+Cost: forward is one (N, H) x (H, V) matmul, like the naive path; forward + backward is four such matmuls
+instead of three, because each chunk's logits are computed again in backward. That is the price of never
+holding (N, V); on memory-bound hardware the saved traffic and allocations pay most of it back.
+
+Dtypes: with ``cast_logprobs_to_fp32=True`` (the default) the log-softmax, the returned log-probs and the
+entropy are float32 (float64 inputs stay float64) whatever the input dtype, because the policy-gradient ratio
+``exp(logp - old_logp)`` is too coarse in bf16. Matmuls always run in the input dtype; grad_weight is
+accumulated in float32 across chunks and cast back to the weight's dtype once.
+
+Notation::
+
+    N  token rows: every leading dim of ``hidden`` flattened (e.g. N = B * T)
+    H  hidden size
+    V  vocabulary size
+    C  rows per chunk (``chunk_rows``)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+DEFAULT_TILE_BUDGET_BYTES = 128 * 2**20
+"""One fp32 (C, V) logits tile is kept near this size. 128 MiB keeps each matmul large enough to run at full
+speed on CPU and GPU (C = 1024 rows at V = 32k) while the tile stays under 1/8 of the naive path's memory."""
+
+
+def auto_chunk_rows(vocab_size: int, budget_bytes: int = DEFAULT_TILE_BUDGET_BYTES) -> int:
+    """Rows per chunk so that one fp32 (rows, V) logits tile takes about ``budget_bytes``.
+
+    Args:
+        vocab_size: V, the number of lm_head output rows.
+        budget_bytes: memory for one fp32 logits tile.
+
+    Returns:
+        C >= 1. With bf16 inputs and the fp32 cast, backward holds one extra half-size (C, V) bf16 copy.
+    """
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}; pass weight.shape[0] of the lm_head.")
+    if budget_bytes < 1:
+        raise ValueError(f"budget_bytes must be >= 1, got {budget_bytes}; it is the size of one fp32 (C, V) tile.")
+    return max(1, budget_bytes // (4 * vocab_size))
+
+
+def naive_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Obviously-correct reference: full fp32 logits, ``log_softmax``, ``gather``. Used by tests and benchmarks.
+
+    Args:
+        hidden: (..., H) final hidden states.
+        weight: (V, H) lm_head weight.
+        target_ids: (...) int64 ids in [0, V).
+        bias: (V,) optional lm_head bias.
+        temperature: logits are divided by it before the softmax.
+
+    Returns:
+        (...) float32 log-probabilities (float64 for float64 inputs).
+    """
+    compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def fused_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_rows: int | None = None,
+    cast_logprobs_to_fp32: bool = True,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``target_ids`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Never materialises the (N, V) logits, in forward or backward; see the module docstring for the math.
+    Gradients flow to ``hidden``, ``weight`` and ``bias``, each only if it requires grad, so a frozen
+    (or tied) lm_head costs no grad_weight work. Padding positions are computed like any other row (their
+    id must still be in [0, V)); mask them out of the loss afterwards.
+
+    Args:
+        hidden: (..., H) final hidden states (after the final norm).
+        weight: (V, H) lm_head weight, same dtype and device as ``hidden``; may be tied to the input embedding.
+        target_ids: (...) int64 ids in [0, V), same leading shape as ``hidden``.
+        bias: (V,) optional lm_head bias.
+        temperature: > 0; logits are divided by it, as in sampling.
+        chunk_rows: C, rows per chunk; None -> ``auto_chunk_rows(V)``.
+        cast_logprobs_to_fp32: True -> softmax statistics and outputs in float32 (float64 stays float64);
+            False -> everything in the input dtype (cheaper, coarse in bf16).
+        return_entropy: also return the per-row entropy of the tempered distribution, detached.
+
+    Returns:
+        logprobs (...), and entropy (...) when ``return_entropy``; float32 when ``cast_logprobs_to_fp32``,
+        else ``hidden.dtype``.
+    """
+    _check_inputs(hidden, weight, target_ids, bias, temperature, chunk_rows)
+    hidden_size = hidden.shape[-1]
+    rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(weight.shape[0])
+    outputs = _FusedLogprobs.apply(
+        hidden.reshape(-1, hidden_size),
+        weight,
+        bias,
+        target_ids.reshape(-1),
+        float(temperature),
+        rows,
+        cast_logprobs_to_fp32,
+        return_entropy,
+    )
+    if return_entropy:
+        logprobs, entropy = outputs
+        return logprobs.view(target_ids.shape), entropy.view(target_ids.shape)
+    return outputs.view(target_ids.shape)
+
+
+def _check_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    chunk_rows: int | None,
+) -> None:
+    """Raise at the boundary with the argument name and the fix; the hot loop assumes all of this."""
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden (..., H) and weight (V, H) must share H; got hidden {tuple(hidden.shape)} and weight "
+            f"{tuple(weight.shape)}. Pass the lm_head weight, not its transpose."
+        )
+    if target_ids.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"target_ids must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(target_ids.shape)}."
+        )
+    if target_ids.dtype != torch.int64:
+        raise ValueError(f"target_ids must be int64 (torch.long), got {target_ids.dtype}; use target_ids.long().")
+    if hidden.dtype != weight.dtype or hidden.device != weight.device:
+        raise ValueError(
+            f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) must share dtype "
+            "and device; cast hidden to the lm_head's dtype first."
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must have shape (V,) = {tuple(weight.shape[:1])}, got {tuple(bias.shape)}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; use 1.0 for the untempered distribution.")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1 or None (auto), got {chunk_rows}.")
+
+
+def _compute_dtype(input_dtype: torch.dtype, cast_logprobs_to_fp32: bool) -> torch.dtype:
+    """Dtype of the logits tile and of the softmax statistics."""
+    return torch.promote_types(input_dtype, torch.float32) if cast_logprobs_to_fp32 else input_dtype
+
+
+def _scaled_logits_into(
+    tile: torch.Tensor,
+    hidden_chunk: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """Write z = (hidden_chunk @ weight.T + bias) / temperature into ``tile`` (C, V) and return it.
+
+    Writing into a reused tile matters on CPU: a fresh multi-hundred-MB allocation per chunk is page-faulted
+    in again every time, which costs a sizeable fraction of the matmul itself.
+    """
+    if tile.dtype == weight.dtype:
+        torch.mm(hidden_chunk, weight.T, out=tile)
+    else:
+        # CPU has no mixed-dtype matmul; the low-precision product is upcast before any softmax work.
+        tile.copy_(hidden_chunk @ weight.T)
+    if bias is not None:
+        tile.add_(bias)
+    if temperature != 1.0:
+        tile.mul_(1.0 / temperature)
+    return tile
+
+
+class _FusedLogprobs(torch.autograd.Function):
+    """Autograd op on flattened inputs: hidden (N, H), weight (V, H), bias (V,) | None, target_ids (N,)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target_ids: torch.Tensor,
+        temperature: float,
+        chunk_rows: int,
+        cast_logprobs_to_fp32: bool,
+        return_entropy: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+        compute_dtype = _compute_dtype(hidden.dtype, cast_logprobs_to_fp32)
+        logprobs = torch.empty(num_rows, dtype=compute_dtype, device=hidden.device)
+        log_normaliser = torch.empty_like(logprobs)
+        entropy = torch.empty_like(logprobs) if return_entropy else None
+        tile = torch.empty(min(chunk_rows, num_rows), vocab_size, dtype=compute_dtype, device=hidden.device)
+        for start in range(0, num_rows, chunk_rows):
+            end = min(start + chunk_rows, num_rows)
+            logits = _scaled_logits_into(tile[: end - start], hidden[start:end], weight, bias, temperature)
+            target_logits = logits.gather(1, target_ids[start:end, None]).squeeze(1)
+            max_logits = logits.amax(dim=1, keepdim=True)
+            shifted = logits.sub_(max_logits)  # in place: z - max <= 0, so exp cannot overflow
+            if entropy is None:
+                sum_exp = shifted.exp_().sum(dim=1)
+            else:
+                # entropy = log(sum e) - sum(e * s) / sum(e) with s = z - max, e = exp(s): needs s and e at once.
+                exp_shifted = torch.exp(shifted)
+                sum_exp = exp_shifted.sum(dim=1)
+                entropy[start:end] = sum_exp.log() - exp_shifted.mul_(shifted).sum(dim=1) / sum_exp
+                del exp_shifted
+            log_normaliser[start:end] = max_logits.squeeze(1) + sum_exp.log()
+            logprobs[start:end] = target_logits - log_normaliser[start:end]
+        del tile
+
+        ctx.save_for_backward(hidden, weight, bias, target_ids, log_normaliser)
+        ctx.temperature = temperature
+        ctx.chunk_rows = chunk_rows
+        if entropy is None:
+            return logprobs
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprobs: torch.Tensor, *_grad_entropy: torch.Tensor):
+        hidden, weight, bias, target_ids, log_normaliser = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+        compute_dtype = log_normaliser.dtype
+        accumulate_dtype = torch.promote_types(weight.dtype, torch.float32)
+
+        # Contiguous by construction, so each chunk's rows are a contiguous `out=` target for the matmul.
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if needs_weight else None
+        grad_bias = torch.zeros(vocab_size, dtype=accumulate_dtype, device=weight.device) if needs_bias else None
+
+        # dL/dz / tau = coef * (onehot - softmax) with coef = g / tau; folding 1/tau here saves a pass over the tile.
+        coefs = grad_logprobs.to(compute_dtype) / ctx.temperature
+        tile = torch.empty(min(ctx.chunk_rows, num_rows), vocab_size, dtype=compute_dtype, device=hidden.device)
+        for start in range(0, num_rows, ctx.chunk_rows):
+            end = min(start + ctx.chunk_rows, num_rows)
+            hidden_chunk, coef = hidden[start:end], coefs[start:end, None]
+            logits = _scaled_logits_into(tile[: end - start], hidden_chunk, weight, bias, ctx.temperature)
+            grad_logits = logits.sub_(log_normaliser[start:end, None]).exp_().mul_(coef.neg())
+            grad_logits.scatter_add_(1, target_ids[start:end, None], coef)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0)
+            grad_logits = grad_logits.to(weight.dtype)  # matmuls in the input dtype, e.g. bf16 on GPU
+            if grad_hidden is not None:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            if grad_weight is None:
+                continue
+            if grad_weight.dtype == weight.dtype:
+                grad_weight.addmm_(grad_logits.T, hidden_chunk)
+            else:
+                grad_weight += grad_logits.T @ hidden_chunk  # per-chunk product in bf16, running sum in fp32
+        del tile
+
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None

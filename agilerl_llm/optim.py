@@ -1,0 +1,59 @@
+"""Optimizer and learning-rate schedule for the trainable adapters.
+
+The optimizer is AdamW over the actor's (and critic's) LoRA parameters only. The optional schedule is
+a linear warm-up followed by a cosine decay, stepped once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class CosineLRScheduleConfig(BaseModel):
+    """Linear warm-up then cosine decay of the learning rate.
+
+    Attributes:
+        num_epochs: total number of optimizer steps the schedule spans (after it, the lr stays at its floor).
+        warmup_proportion: fraction of ``num_epochs`` spent warming up linearly from 0.
+        min_lr_ratio: the floor of the decay, as a fraction of the peak lr.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_epochs: int = Field(gt=0)
+    warmup_proportion: float = Field(default=0.05, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+def build_optimizer(parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW over ``parameters`` at learning rate ``lr``."""
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: CosineLRScheduleConfig | None) -> LambdaLR | None:
+    """The warm-up + cosine schedule for ``optimizer``, or ``None`` for a constant lr."""
+    if config is None:
+        return None
+    warmup_steps = int(config.num_epochs * config.warmup_proportion)
+    decay_steps = max(config.num_epochs - warmup_steps, 1)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min((step - warmup_steps) / decay_steps, 1.0)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+    return LambdaLR(optimizer, lr_factor)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the peak learning rate of every parameter group (and the schedule's base lr, if any)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if "initial_lr" in group:
+            group["initial_lr"] = lr

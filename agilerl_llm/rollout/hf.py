@@ -1,0 +1,106 @@
+"""Rollouts with HuggingFace ``generate``: batched across prompts, grouped per prompt, masks from lengths.
+
+Prompts arrive left-padded as one (B, P) batch. Each prompt is repeated ``num_completions`` times
+(rows of a group are contiguous) and generated in chunks of ``chunk_size`` prompts, so one call to
+``generate`` serves many prompts. A completion ends at its first eos token (kept, so the policy learns
+to stop) or at the token budget; everything after it is padding, and the masks say so explicitly:
+the pad id is never used to find where a completion ends, because pad may equal eos.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from agilerl_llm.rollout.base import ActionResult, SamplingSettings, masks_from_lengths
+
+
+def completion_lengths(generated: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """Generated tokens to keep per row: up to and including the first eos, else all of them.
+
+    (N, C) generated ids -> (N,) int64 lengths.
+    """
+    is_eos = torch.isin(generated, torch.tensor(eos_token_ids, device=generated.device))
+    first_eos = is_eos.int().argmax(dim=1)  # 0 when a row has no eos; masked out below
+    return torch.where(is_eos.any(dim=1), first_eos + 1, torch.full_like(first_eos, generated.shape[1]))
+
+
+def generation_kwargs(sampling: SamplingSettings, prompt_length: int, do_sample: bool) -> dict:
+    """Keyword arguments for ``generate`` from our settings; greedy decoding ignores the sampling knobs."""
+    room = sampling.max_model_len - prompt_length
+    if room < 1:
+        raise ValueError(
+            f"The prompts are {prompt_length} tokens long, leaving no room under max_model_len={sampling.max_model_len}; "
+            "raise max_model_len or shorten the prompts."
+        )
+    max_new_tokens = min(sampling.max_output_tokens or room, room)
+    kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": min(sampling.min_output_tokens, max_new_tokens),
+        "do_sample": do_sample,
+        "repetition_penalty": sampling.repetition_penalty,
+    }
+    if do_sample:
+        kwargs |= {
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k or 0,
+            "min_p": sampling.min_p or None,
+        }
+    else:
+        kwargs |= {"temperature": None, "top_p": None, "top_k": None}
+    return kwargs
+
+
+@torch.no_grad()
+def generate_completions(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    num_completions: int,
+    sampling: SamplingSettings,
+    do_sample: bool,
+    pad_token_id: int,
+    eos_token_ids: list[int],
+    chunk_size: int | None = None,
+) -> ActionResult:
+    """Sample ``num_completions`` completions per prompt with ``model.generate``.
+
+    Args:
+        model: a causal LM (the PEFT model, with the adapter to sample from active).
+        prompt_ids: (B, P) left-padded prompt ids.
+        prompt_mask: (B, P) real prompt tokens.
+        num_completions: G, completions per prompt; rows of a group are contiguous in the result.
+        chunk_size: prompts per ``generate`` call; None generates all prompts at once.
+
+    Returns:
+        An ``ActionResult`` with N = B * G rows.
+    """
+    batch, prompt_length = prompt_ids.shape
+    kwargs = generation_kwargs(sampling, prompt_length, do_sample)
+    chunk_size = chunk_size or batch
+    pieces = []
+    for start in range(0, batch, chunk_size):
+        ids = prompt_ids[start : start + chunk_size].repeat_interleave(num_completions, dim=0)
+        mask = prompt_mask[start : start + chunk_size].repeat_interleave(num_completions, dim=0)
+        output = model.generate(
+            input_ids=ids, attention_mask=mask.long(), pad_token_id=pad_token_id, eos_token_id=eos_token_ids, **kwargs
+        )
+        pieces.append(output[:, prompt_length:])
+    width = max(piece.shape[1] for piece in pieces)
+    generated = torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=pad_token_id) for p in pieces])
+    lengths = completion_lengths(generated, eos_token_ids)
+    # Whatever generate wrote after a row's end is replaced by pad, so rows depend only on their kept tokens.
+    keep = torch.arange(width, device=generated.device)[None, :] < lengths[:, None]
+    generated = torch.where(keep, generated, torch.full_like(generated, pad_token_id))
+    repeated_mask = prompt_mask.repeat_interleave(num_completions, dim=0)
+    attention_mask, action_masks = masks_from_lengths(repeated_mask, lengths, width)
+    completion_ids = torch.cat([prompt_ids.repeat_interleave(num_completions, dim=0), generated], dim=1)
+    return ActionResult(
+        completion_ids=completion_ids,
+        action_masks=action_masks,
+        attention_mask=attention_mask,
+        prompt_length=prompt_length,
+        completion_lengths=lengths,
+    )

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models saved once per session and loaded through from_pretrained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ~0.1M-parameter Qwen2 model + tokenizer written with save_pretrained."""
+    from agilerl_llm.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("nano_qwen2"), "nano", architecture="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama model with tied input/output embeddings."""
+    from agilerl_llm.testing import save_tiny_model
+
+    return save_tiny_model(
+        tmp_path_factory.mktemp("nano_llama"), "nano", architecture="llama", tie_word_embeddings=True
+    )
+
+
+@pytest.fixture()
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -1,0 +1,301 @@
+"""Parity of the fused chunked log-prob op with the naive full-logits reference, forward and backward.
+
+Sizes are deliberately awkward (V = 37, H = 12, chunk 3, N = 10: N not divisible by the chunk) so off-by-one
+chunk bounds, a wrong last tile or a dropped 1/temperature show up as value or gradient mismatches.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from agilerl_llm.model.logprobs import auto_chunk_rows, fused_logprobs, naive_logprobs
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOCAB, HIDDEN, ROWS, CHUNK = 37, 12, 10, 3
+
+
+def _leaves(*shapes: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator, dtype=dtype).requires_grad_() for shape in shapes]
+
+
+def _grads(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, tensors))
+
+
+def _naive_entropy(hidden, weight, bias=None, temperature=1.0) -> torch.Tensor:
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+@pytest.mark.parametrize("temperature, with_bias", [(1.0, False), (0.7, True), (1.6, False), (1.0, True)])
+def test_values_and_grads_match_naive_fp32(temperature: float, with_bias: bool) -> None:
+    hidden, weight, bias, upstream = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), (VOCAB,), (ROWS,))
+    target_ids = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(1))
+    bias_arg = bias if with_bias else None
+    inputs = [hidden, weight, bias] if with_bias else [hidden, weight]
+
+    fused = fused_logprobs(hidden, weight, target_ids, bias=bias_arg, temperature=temperature, chunk_rows=CHUNK)
+    naive = naive_logprobs(hidden, weight, target_ids, bias=bias_arg, temperature=temperature)
+    torch.testing.assert_close(fused, naive, atol=1e-5, rtol=1e-5)
+    # A random upstream gradient, not .sum(): a per-row scaling bug would cancel under a uniform one.
+    fused_grads = _grads((fused * upstream.detach()).sum(), inputs)
+    naive_grads = _grads((naive * upstream.detach()).sum(), inputs)
+    for fused_grad, naive_grad in zip(fused_grads, naive_grads, strict=True):
+        torch.testing.assert_close(fused_grad, naive_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, ROWS, 64, None])
+def test_chunk_sizes_from_one_row_to_more_than_all_rows(chunk_rows: int | None) -> None:
+    hidden, weight = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), seed=2)
+    target_ids = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(3))
+    fused = fused_logprobs(hidden, weight, target_ids, temperature=0.9, chunk_rows=chunk_rows)
+    naive = naive_logprobs(hidden, weight, target_ids, temperature=0.9)
+    torch.testing.assert_close(fused, naive, atol=1e-5, rtol=1e-5)
+    for fused_grad, naive_grad in zip(
+        _grads(fused.square().sum(), [hidden, weight]), _grads(naive.square().sum(), [hidden, weight]), strict=True
+    ):
+        torch.testing.assert_close(fused_grad, naive_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_leading_batch_and_time_dims() -> None:
+    batch, time = 2, 5
+    hidden, weight, upstream = _leaves((batch, time, HIDDEN), (VOCAB, HIDDEN), (batch, time), seed=4)
+    target_ids = torch.randint(0, VOCAB, (batch, time), generator=torch.Generator().manual_seed(5))
+    fused = fused_logprobs(hidden, weight, target_ids, chunk_rows=CHUNK)
+    naive = naive_logprobs(hidden, weight, target_ids)
+    assert fused.shape == (batch, time)
+    torch.testing.assert_close(fused, naive, atol=1e-5, rtol=1e-5)
+    fused_grads = _grads((fused * upstream.detach()).sum(), [hidden, weight])
+    naive_grads = _grads((naive * upstream.detach()).sum(), [hidden, weight])
+    assert fused_grads[0].shape == (batch, time, HIDDEN)
+    for fused_grad, naive_grad in zip(fused_grads, naive_grads, strict=True):
+        torch.testing.assert_close(fused_grad, naive_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_padding_rows_get_zero_grad_and_rest_match_naive() -> None:
+    batch, time = 3, 7
+    hidden, weight = _leaves((batch, time, HIDDEN), (VOCAB, HIDDEN), seed=6)
+    target_ids = torch.randint(0, VOCAB, (batch, time), generator=torch.Generator().manual_seed(7))
+    lengths = torch.tensor([7, 4, 1])
+    action_mask = (torch.arange(time)[None, :] < lengths[:, None]).float()
+    target_ids = torch.where(action_mask.bool(), target_ids, torch.zeros_like(target_ids))  # pad id 0
+
+    fused = fused_logprobs(hidden, weight, target_ids, chunk_rows=4)
+    naive = naive_logprobs(hidden, weight, target_ids)
+    torch.testing.assert_close(fused, naive, atol=1e-5, rtol=1e-5)  # padded positions are still computed
+    fused_grads = _grads((fused * action_mask).sum(), [hidden, weight])
+    naive_grads = _grads((naive * action_mask).sum(), [hidden, weight])
+    for fused_grad, naive_grad in zip(fused_grads, naive_grads, strict=True):
+        torch.testing.assert_close(fused_grad, naive_grad, atol=1e-5, rtol=1e-5)
+    padded = ~action_mask.bool()
+    assert torch.count_nonzero(fused_grads[0][padded]) == 0
+    assert torch.count_nonzero(fused_grads[0][~padded]) > 0
+
+
+def test_tied_embedding_accumulates_both_contributions() -> None:
+    torch.manual_seed(8)
+    embedding = torch.nn.Embedding(VOCAB, HIDDEN)
+    mixer = torch.nn.Linear(HIDDEN, HIDDEN)
+    input_ids = torch.randint(0, VOCAB, (2, 6))
+    target_ids = torch.randint(0, VOCAB, (2, 6))
+
+    def tied_loss(logprob_fn) -> torch.Tensor:
+        hidden = torch.tanh(mixer(embedding(input_ids)))
+        return -logprob_fn(hidden, embedding.weight, target_ids).mean()
+
+    tied_loss(lambda h, w, y: fused_logprobs(h, w, y, chunk_rows=5)).backward()
+    fused_grad = embedding.weight.grad.clone()
+    embedding.weight.grad = None
+    tied_loss(naive_logprobs).backward()
+    torch.testing.assert_close(fused_grad, embedding.weight.grad, atol=1e-5, rtol=1e-5)
+
+    # The lm_head half alone must differ, otherwise the comparison above could not catch a dropped embedding term.
+    hidden = torch.tanh(mixer(embedding(input_ids))).detach()
+    (lm_head_only,) = _grads(-fused_logprobs(hidden, embedding.weight, target_ids).mean(), [embedding.weight])
+    assert (fused_grad - lm_head_only)[input_ids.unique()].abs().max() > 1e-4
+
+
+def test_bf16_inputs_match_fp32_reference() -> None:
+    hidden, weight = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), dtype=torch.bfloat16, seed=9)
+    hidden_fp32, weight_fp32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+    target_ids = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(10))
+
+    fused = fused_logprobs(hidden, weight, target_ids, temperature=2.0, chunk_rows=CHUNK)
+    naive = naive_logprobs(hidden_fp32, weight_fp32, target_ids, temperature=2.0)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, naive.detach(), atol=2e-2, rtol=2e-2)
+    fused_grads = _grads(fused.sum(), [hidden, weight])
+    naive_grads = _grads(naive.sum(), [hidden_fp32, weight_fp32])
+    for fused_grad, naive_grad in zip(fused_grads, naive_grads, strict=True):
+        assert fused_grad.dtype == torch.bfloat16
+        torch.testing.assert_close(fused_grad.float(), naive_grad, atol=2e-2, rtol=2e-2)
+
+
+def test_without_fp32_cast_outputs_keep_the_input_dtype() -> None:
+    hidden, weight = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), seed=11)
+    target_ids = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(12))
+    naive = naive_logprobs(hidden, weight, target_ids)
+
+    fused_fp32 = fused_logprobs(hidden, weight, target_ids, chunk_rows=CHUNK, cast_logprobs_to_fp32=False)
+    torch.testing.assert_close(fused_fp32, naive, atol=1e-5, rtol=1e-5)
+
+    hidden_bf16, weight_bf16 = (t.detach().bfloat16().requires_grad_() for t in (hidden, weight))
+    fused_bf16, entropy_bf16 = fused_logprobs(
+        hidden_bf16, weight_bf16, target_ids, chunk_rows=CHUNK, cast_logprobs_to_fp32=False, return_entropy=True
+    )
+    assert fused_bf16.dtype == entropy_bf16.dtype == torch.bfloat16
+    # Log-probs here are ~ -4 to -20, where one bf16 ulp is up to 0.125: compare relatively.
+    torch.testing.assert_close(fused_bf16.float(), naive.detach(), atol=5e-2, rtol=3e-2)
+    (grad_hidden,) = _grads(fused_bf16.sum(), [hidden_bf16])
+    (naive_grad_hidden,) = _grads(naive.sum(), [hidden])
+    torch.testing.assert_close(grad_hidden.float(), naive_grad_hidden, atol=5e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("temperature, with_bias", [(1.0, False), (0.5, True)])
+def test_entropy_matches_naive_and_is_detached(temperature: float, with_bias: bool) -> None:
+    hidden, weight, bias = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), (VOCAB,), seed=13)
+    target_ids = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(14))
+    bias_arg = bias if with_bias else None
+    logprobs, entropy = fused_logprobs(
+        hidden, weight, target_ids, bias=bias_arg, temperature=temperature, chunk_rows=CHUNK, return_entropy=True
+    )
+    expected = _naive_entropy(hidden, weight, bias_arg, temperature).float()
+    torch.testing.assert_close(entropy, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert not entropy.requires_grad and logprobs.requires_grad
+    torch.testing.assert_close(
+        logprobs, naive_logprobs(hidden, weight, target_ids, bias=bias_arg, temperature=temperature)
+    )
+
+
+def test_grad_only_for_inputs_that_require_it() -> None:
+    hidden, weight = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), seed=15)
+    target_ids = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(16))
+    frozen_weight, frozen_hidden = weight.detach(), hidden.detach()
+
+    (grad_hidden,) = _grads(fused_logprobs(hidden, frozen_weight, target_ids, chunk_rows=CHUNK).sum(), [hidden])
+    (expected_hidden,) = _grads(naive_logprobs(hidden, frozen_weight, target_ids).sum(), [hidden])
+    torch.testing.assert_close(grad_hidden, expected_hidden, atol=1e-5, rtol=1e-5)
+
+    (grad_weight,) = _grads(fused_logprobs(frozen_hidden, weight, target_ids, chunk_rows=CHUNK).sum(), [weight])
+    (expected_weight,) = _grads(naive_logprobs(frozen_hidden, weight, target_ids).sum(), [weight])
+    torch.testing.assert_close(grad_weight, expected_weight, atol=1e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        assert not fused_logprobs(hidden, weight, target_ids).requires_grad
+
+
+def test_zero_rows_forward_and_backward() -> None:
+    hidden, weight = _leaves((0, 4, HIDDEN), (VOCAB, HIDDEN), seed=17)
+    target_ids = torch.zeros(0, 4, dtype=torch.long)
+    logprobs, entropy = fused_logprobs(hidden, weight, target_ids, chunk_rows=CHUNK, return_entropy=True)
+    assert logprobs.shape == entropy.shape == (0, 4)
+    grad_hidden, grad_weight = _grads(logprobs.sum(), [hidden, weight])
+    assert grad_hidden.shape == hidden.shape
+    assert torch.equal(grad_weight, torch.zeros_like(weight))
+
+
+class _LargestTensorMode(TorchDispatchMode):
+    """Records the largest tensor any aten op returns, in forward and backward, temporaries included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.max_numel = max(self.max_numel, tensor.numel())
+        return out
+
+
+def _largest_tensor_and_saved(logprob_fn, hidden, weight, target_ids) -> tuple[int, int]:
+    largest_saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal largest_saved
+        largest_saved = max(largest_saved, tensor.numel())
+        return tensor
+
+    with _LargestTensorMode() as mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logprob_fn(hidden, weight, target_ids).sum().backward()
+    return mode.max_numel, largest_saved
+
+
+def test_full_logits_are_never_materialised() -> None:
+    rows, hidden_size, vocab, chunk = 64, 8, 50, 4
+    hidden, weight = _leaves((rows, hidden_size), (vocab, hidden_size), seed=18)
+    target_ids = torch.randint(0, vocab, (rows,))
+    # Every legitimate tensor (a tile, the grads, the inputs) is far smaller than one full (N, V) logits tensor.
+    allowed = max(chunk * vocab, vocab * hidden_size, rows * hidden_size)
+    assert allowed < rows * vocab // 4
+
+    naive_largest, naive_saved = _largest_tensor_and_saved(naive_logprobs, hidden, weight, target_ids)
+    assert naive_largest >= rows * vocab and naive_saved >= rows * vocab  # the probe does see full logits
+
+    def fused(h, w, y):
+        return fused_logprobs(h, w, y, chunk_rows=chunk, return_entropy=True)[0]
+
+    fused_largest, fused_saved = _largest_tensor_and_saved(fused, hidden, weight, target_ids)
+    assert fused_largest <= allowed
+    assert fused_saved <= allowed
+
+
+def test_gradcheck_float64() -> None:
+    hidden, weight, bias = _leaves((5, 3), (7, 3), (7,), dtype=torch.float64, seed=19)
+    target_ids = torch.tensor([0, 6, 3, 3, 1])
+
+    def fn(h, w, b):
+        return fused_logprobs(h, w, target_ids, bias=b, temperature=0.8, chunk_rows=2)
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_auto_chunk_rows() -> None:
+    assert auto_chunk_rows(32768) * 32768 * 4 == 128 * 2**20
+    assert auto_chunk_rows(32768, budget_bytes=256 * 2**20) == 2048
+    assert auto_chunk_rows(37, budget_bytes=4 * 37 * 3 + 5) == 3
+    assert auto_chunk_rows(10**9) == 1
+    with pytest.raises(ValueError, match="vocab_size"):
+        auto_chunk_rows(0)
+
+
+def test_bad_inputs_name_the_argument() -> None:
+    hidden, weight = torch.randn(4, HIDDEN), torch.randn(VOCAB, HIDDEN)
+    target_ids = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="share H"):
+        fused_logprobs(hidden, weight.T, target_ids)
+    with pytest.raises(ValueError, match="target_ids"):
+        fused_logprobs(hidden, weight, target_ids[:3])
+    with pytest.raises(ValueError, match="int64"):
+        fused_logprobs(hidden, weight, target_ids.int())
+    with pytest.raises(ValueError, match="temperature"):
+        fused_logprobs(hidden, weight, target_ids, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        fused_logprobs(hidden, weight, target_ids, chunk_rows=0)
+    with pytest.raises(ValueError, match="dtype"):
+        fused_logprobs(hidden.bfloat16(), weight, target_ids)
+
+
+def test_benchmark_quick_run_prints_table() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "logprobs.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "variant" in result.stdout and "peak extra MB" in result.stdout
+    assert "fused" in result.stdout and "naive" in result.stdout
+    assert "target" in result.stdout
