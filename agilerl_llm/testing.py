@@ -115,6 +115,7 @@ def build_tiny_model(
     tie_word_embeddings: bool = False,
     seed: int = 0,
     max_position_embeddings: int = 512,
+    initializer_range: float = 0.02,
 ) -> PreTrainedModel:
     """A randomly initialised causal LM of a preset size whose vocabulary matches the tiny tokenizer.
 
@@ -125,6 +126,9 @@ def build_tiny_model(
         tie_word_embeddings: share the input embedding with the lm_head.
         seed: weights are a deterministic function of this seed.
         max_position_embeddings: the longest sequence the model accepts.
+        initializer_range: std of the random weights. HF's default 0.02 makes a tiny model's output
+            nearly uniform and hard to move with LoRA alone (its final RMSNorm caps the logit range);
+            RL smoke tests on an untrained model use a larger value such as 0.2.
     """
     if size not in MODEL_SIZES:
         raise ValueError(f"size={size!r} is not a tiny model size; choose one of {sorted(MODEL_SIZES)}.")
@@ -147,6 +151,7 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        initializer_range=initializer_range,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -164,12 +169,18 @@ def save_tiny_model(
     architecture: str = "qwen2",
     tie_word_embeddings: bool = False,
     seed: int = 0,
+    initializer_range: float = 0.02,
 ) -> Path:
     """Build a tiny model and its tokenizer and write both with ``save_pretrained``; returns the folder."""
     path = Path(path)
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(
-        size, architecture=architecture, tokenizer=tokenizer, tie_word_embeddings=tie_word_embeddings, seed=seed
+        size,
+        architecture=architecture,
+        tokenizer=tokenizer,
+        tie_word_embeddings=tie_word_embeddings,
+        seed=seed,
+        initializer_range=initializer_range,
     )
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

@@ -194,6 +194,33 @@ def test_grad_only_for_inputs_that_require_it() -> None:
         assert not fused_logprobs(hidden, weight, target_ids).requires_grad
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_frozen_head_path_matches_naive(dtype: torch.dtype, tolerance: float, return_entropy: bool) -> None:
+    hidden, weight, bias, upstream = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), (VOCAB,), (ROWS,), dtype=dtype, seed=20)
+    frozen_weight, frozen_bias = weight.detach(), bias.detach()
+    hidden_fp32 = hidden.detach().float().requires_grad_()
+    target_ids = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(21))
+    kwargs = {"bias": frozen_bias, "temperature": 0.8}
+
+    outputs = fused_logprobs(
+        hidden, frozen_weight, target_ids, chunk_rows=CHUNK, return_entropy=return_entropy, **kwargs
+    )
+    fused = outputs[0] if return_entropy else outputs
+    op_node = fused.grad_fn.next_functions[0][0]  # under the reshape back to the leading shape
+    (saved,) = op_node.saved_tensors  # only d logp / d hidden: the frozen-head strategy was taken
+    assert saved.shape == (ROWS, HIDDEN)
+    naive = naive_logprobs(hidden_fp32, frozen_weight.float(), target_ids, bias=frozen_bias.float(), temperature=0.8)
+    torch.testing.assert_close(fused, naive, atol=tolerance, rtol=tolerance)
+    if return_entropy:
+        expected = _naive_entropy(hidden_fp32, frozen_weight, frozen_bias, 0.8).float()
+        torch.testing.assert_close(outputs[1], expected.detach(), atol=tolerance, rtol=tolerance)
+    (grad_hidden,) = _grads((fused * upstream.detach().float()).sum(), [hidden])
+    (expected_grad,) = _grads((naive * upstream.detach().float()).sum(), [hidden_fp32])
+    assert grad_hidden.dtype == dtype
+    torch.testing.assert_close(grad_hidden.float(), expected_grad, atol=tolerance, rtol=tolerance)
+
+
 def test_zero_rows_forward_and_backward() -> None:
     hidden, weight = _leaves((0, 4, HIDDEN), (VOCAB, HIDDEN), seed=17)
     target_ids = torch.zeros(0, 4, dtype=torch.long)
@@ -232,9 +259,11 @@ def _largest_tensor_and_saved(logprob_fn, hidden, weight, target_ids) -> tuple[i
     return mode.max_numel, largest_saved
 
 
-def test_full_logits_are_never_materialised() -> None:
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_full_logits_are_never_materialised(frozen_head: bool) -> None:
     rows, hidden_size, vocab, chunk = 64, 8, 50, 4
     hidden, weight = _leaves((rows, hidden_size), (vocab, hidden_size), seed=18)
+    weight.requires_grad_(not frozen_head)
     target_ids = torch.randint(0, vocab, (rows,))
     # Every legitimate tensor (a tile, the grads, the inputs) is far smaller than one full (N, V) logits tensor.
     allowed = max(chunk * vocab, vocab * hidden_size, rows * hidden_size)
@@ -259,6 +288,8 @@ def test_gradcheck_float64() -> None:
         return fused_logprobs(h, w, target_ids, bias=b, temperature=0.8, chunk_rows=2)
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+    frozen_weight, frozen_bias = weight.detach(), bias.detach()
+    assert torch.autograd.gradcheck(lambda h: fn(h, frozen_weight, frozen_bias), (hidden,))
 
 
 def test_auto_chunk_rows() -> None:

@@ -21,9 +21,11 @@ Backward, for the upstream gradient g_n = dL/dlogp_n::
     dL/dW   = sum_n (dL/dz_n / tau)^T h_n                     (V, H)
     dL/db   = sum_n dL/dz_n / tau                             (V,)
 
-Cost: forward is one (N, H) x (H, V) matmul, like the naive path; forward + backward is four such matmuls
-instead of three, because each chunk's logits are computed again in backward. That is the price of never
-holding (N, V); on memory-bound hardware the saved traffic and allocations pay most of it back.
+Cost, in (N, H) x (H, V) matmuls: forward alone is one, like the naive path. Forward + backward with a trainable
+lm_head is four instead of three, because each chunk's logits are computed again in backward; that is the price
+of never holding (N, V), and the (N, V) allocations and passes it saves pay most of it back. With a frozen lm_head
+(LoRA: only ``hidden`` needs grad) the forward, which holds each chunk's softmax anyway, also writes
+d logp / d hidden (N, H), so backward is one multiply and the total is two matmuls, as in the naive path.
 
 Dtypes: with ``cast_logprobs_to_fp32=True`` (the default) the log-softmax, the returned log-probs and the
 entropy are float32 (float64 inputs stay float64) whatever the input dtype, because the policy-gradient ratio
@@ -139,11 +141,19 @@ def fused_logprobs(
         rows,
         cast_logprobs_to_fp32,
         return_entropy,
+        _only_hidden_needs_grad(hidden, weight, bias),
     )
     if return_entropy:
         logprobs, entropy = outputs
         return logprobs.view(target_ids.shape), entropy.view(target_ids.shape)
     return outputs.view(target_ids.shape)
+
+
+def _only_hidden_needs_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True for a frozen lm_head under a trainable trunk (LoRA); decided here because inside the autograd
+    function grad mode is always off and ``needs_input_grad`` ignores ``torch.no_grad()``."""
+    bias_needs_grad = bias is not None and bias.requires_grad
+    return torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and not bias_needs_grad
 
 
 def _check_inputs(
@@ -208,8 +218,34 @@ def _scaled_logits_into(
     return tile
 
 
+def _unit_grad_hidden_into(
+    out: torch.Tensor,
+    exp_shifted: torch.Tensor,
+    sum_exp: torch.Tensor,
+    target_ids: torch.Tensor,
+    weight: torch.Tensor,
+    temperature: float,
+) -> None:
+    """Write d logp_n / d h_n = (onehot(y_n) - softmax(z_n)) W / tau for a chunk into ``out`` (C, H).
+
+    ``exp_shifted`` (C, V) holds exp(z - max) and is overwritten. The upstream gradient g_n only scales this row,
+    so with a frozen lm_head the whole backward becomes ``g[:, None] * out``: no tile, no matmul.
+    """
+    inverse_temperature = 1.0 / temperature
+    grad_logits = exp_shifted.mul_((-inverse_temperature / sum_exp)[:, None])
+    grad_logits.scatter_add_(1, target_ids[:, None], torch.full_like(sum_exp[:, None], inverse_temperature))
+    torch.mm(grad_logits.to(weight.dtype), weight, out=out)
+
+
 class _FusedLogprobs(torch.autograd.Function):
-    """Autograd op on flattened inputs: hidden (N, H), weight (V, H), bias (V,) | None, target_ids (N,)."""
+    """Autograd op on flattened inputs: hidden (N, H), weight (V, H), bias (V,) | None, target_ids (N,).
+
+    Two backward strategies, picked in forward by ``frozen_head``:
+      * recompute (default): save hidden, weight and lse (N,); backward recomputes each tile.
+        Matmuls: 1 forward + up to 3 backward.
+      * frozen head (only hidden needs grad, e.g. LoRA under a frozen lm_head): forward, which holds the softmax
+        anyway, also writes d logp / d hidden (N, H); backward is one multiply. Matmuls: 2 forward + 0 backward.
+    """
 
     @staticmethod
     def forward(
@@ -222,12 +258,14 @@ class _FusedLogprobs(torch.autograd.Function):
         chunk_rows: int,
         cast_logprobs_to_fp32: bool,
         return_entropy: bool,
+        frozen_head: bool,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         num_rows, vocab_size = hidden.shape[0], weight.shape[0]
         compute_dtype = _compute_dtype(hidden.dtype, cast_logprobs_to_fp32)
         logprobs = torch.empty(num_rows, dtype=compute_dtype, device=hidden.device)
         log_normaliser = torch.empty_like(logprobs)
         entropy = torch.empty_like(logprobs) if return_entropy else None
+        unit_grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if frozen_head else None
         tile = torch.empty(min(chunk_rows, num_rows), vocab_size, dtype=compute_dtype, device=hidden.device)
         for start in range(0, num_rows, chunk_rows):
             end = min(start + chunk_rows, num_rows)
@@ -235,19 +273,26 @@ class _FusedLogprobs(torch.autograd.Function):
             target_logits = logits.gather(1, target_ids[start:end, None]).squeeze(1)
             max_logits = logits.amax(dim=1, keepdim=True)
             shifted = logits.sub_(max_logits)  # in place: z - max <= 0, so exp cannot overflow
-            if entropy is None:
-                sum_exp = shifted.exp_().sum(dim=1)
-            else:
-                # entropy = log(sum e) - sum(e * s) / sum(e) with s = z - max, e = exp(s): needs s and e at once.
-                exp_shifted = torch.exp(shifted)
-                sum_exp = exp_shifted.sum(dim=1)
-                entropy[start:end] = sum_exp.log() - exp_shifted.mul_(shifted).sum(dim=1) / sum_exp
-                del exp_shifted
+            # Entropy needs s = z - max and e = exp(s) at once; otherwise exponentiate the tile in place.
+            exp_shifted = shifted.exp_() if entropy is None else torch.exp(shifted)
+            sum_exp = exp_shifted.sum(dim=1)
+            if entropy is not None:
+                # entropy = lse - E_p[z] = log(sum e) - sum(e * s) / sum(e)
+                entropy[start:end] = sum_exp.log() - shifted.mul_(exp_shifted).sum(dim=1) / sum_exp
             log_normaliser[start:end] = max_logits.squeeze(1) + sum_exp.log()
             logprobs[start:end] = target_logits - log_normaliser[start:end]
+            if unit_grad_hidden is not None:
+                _unit_grad_hidden_into(
+                    unit_grad_hidden[start:end], exp_shifted, sum_exp, target_ids[start:end], weight, temperature
+                )
+            del exp_shifted
         del tile
 
-        ctx.save_for_backward(hidden, weight, bias, target_ids, log_normaliser)
+        ctx.frozen_head = frozen_head
+        if frozen_head:
+            ctx.save_for_backward(unit_grad_hidden)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, target_ids, log_normaliser)
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows
         if entropy is None:
@@ -258,41 +303,61 @@ class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprobs: torch.Tensor, *_grad_entropy: torch.Tensor):
-        hidden, weight, bias, target_ids, log_normaliser = ctx.saved_tensors
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        num_rows, vocab_size = hidden.shape[0], weight.shape[0]
-        compute_dtype = log_normaliser.dtype
-        accumulate_dtype = torch.promote_types(weight.dtype, torch.float32)
+        if ctx.frozen_head:
+            (unit_grad_hidden,) = ctx.saved_tensors
+            grad_hidden = (grad_logprobs[:, None] * unit_grad_hidden).to(unit_grad_hidden.dtype)
+            return grad_hidden, None, None, None, None, None, None, None, None
+        grad_hidden, grad_weight, grad_bias = _recompute_backward(
+            *ctx.saved_tensors, grad_logprobs, ctx.temperature, ctx.chunk_rows, ctx.needs_input_grad[:3]
+        )
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
-        # Contiguous by construction, so each chunk's rows are a contiguous `out=` target for the matmul.
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if needs_weight else None
-        grad_bias = torch.zeros(vocab_size, dtype=accumulate_dtype, device=weight.device) if needs_bias else None
 
-        # dL/dz / tau = coef * (onehot - softmax) with coef = g / tau; folding 1/tau here saves a pass over the tile.
-        coefs = grad_logprobs.to(compute_dtype) / ctx.temperature
-        tile = torch.empty(min(ctx.chunk_rows, num_rows), vocab_size, dtype=compute_dtype, device=hidden.device)
-        for start in range(0, num_rows, ctx.chunk_rows):
-            end = min(start + ctx.chunk_rows, num_rows)
-            hidden_chunk, coef = hidden[start:end], coefs[start:end, None]
-            logits = _scaled_logits_into(tile[: end - start], hidden_chunk, weight, bias, ctx.temperature)
-            grad_logits = logits.sub_(log_normaliser[start:end, None]).exp_().mul_(coef.neg())
-            grad_logits.scatter_add_(1, target_ids[start:end, None], coef)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(dim=0)
-            grad_logits = grad_logits.to(weight.dtype)  # matmuls in the input dtype, e.g. bf16 on GPU
-            if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            if grad_weight is None:
-                continue
-            if grad_weight.dtype == weight.dtype:
-                grad_weight.addmm_(grad_logits.T, hidden_chunk)
-            else:
-                grad_weight += grad_logits.T @ hidden_chunk  # per-chunk product in bf16, running sum in fp32
-        del tile
+def _recompute_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target_ids: torch.Tensor,
+    log_normaliser: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    temperature: float,
+    chunk_rows: int,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Grads for (hidden, weight, bias), each None unless needed, recomputing one (C, V) tile at a time."""
+    needs_hidden, needs_weight, needs_bias = needs_grad
+    num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    compute_dtype = log_normaliser.dtype
+    accumulate_dtype = torch.promote_types(weight.dtype, torch.float32)
+    # Contiguous by construction, so each chunk's rows are a contiguous `out=` target for the matmul.
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if needs_weight else None
+    grad_bias = torch.zeros(vocab_size, dtype=accumulate_dtype, device=weight.device) if needs_bias else None
 
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+    # dL/dz / tau = coef * (onehot - softmax) with coef = g / tau; folding 1/tau here saves a pass over the tile.
+    coefs = grad_logprobs.to(compute_dtype) / temperature
+    tile = torch.empty(min(chunk_rows, num_rows), vocab_size, dtype=compute_dtype, device=hidden.device)
+    for start in range(0, num_rows, chunk_rows):
+        end = min(start + chunk_rows, num_rows)
+        hidden_chunk, coef = hidden[start:end], coefs[start:end, None]
+        logits = _scaled_logits_into(tile[: end - start], hidden_chunk, weight, bias, temperature)
+        grad_logits = logits.sub_(log_normaliser[start:end, None]).exp_().mul_(coef.neg())
+        grad_logits.scatter_add_(1, target_ids[start:end, None], coef)
         if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+            grad_bias += grad_logits.sum(dim=0)
+        grad_logits = grad_logits.to(weight.dtype)  # matmuls in the input dtype, e.g. bf16 on GPU
+        if grad_hidden is not None:
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+        if grad_weight is None:
+            continue
+        if grad_weight.dtype == weight.dtype:
+            grad_weight.addmm_(grad_logits.T, hidden_chunk)
+        else:
+            grad_weight += grad_logits.T @ hidden_chunk  # per-chunk product in bf16, running sum in fp32
+    del tile
+
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias

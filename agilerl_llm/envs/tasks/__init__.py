@@ -1,0 +1,46 @@
+"""Built-in tasks: small datasets with a reward function, for the quickstart, tests and benchmarks.
+
+``TASKS`` maps a task name to a ``Task``, a named tuple ``(make_dataset, reward_fn, system_prompt)``:
+
+* ``make_dataset(num_train, num_test, seed) -> (train, test)``: disjoint lists of
+  ``{"question", "answer"}`` samples, ready for ``ReasoningGym``;
+* ``reward_fn(completion, answer, prompt) -> float`` in [0, 1];
+* ``system_prompt``: the system message to render before each question, or None.
+
+Usage::
+
+    make_dataset, reward_fn, system_prompt = TASKS["reverse"]
+    train, test = make_dataset(2000, 64, seed=0)
+    env = ReasoningGym(train, test, tokenizer, reward_fn, system_prompt=system_prompt)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from agilerl_llm.envs.tasks.letters import letters_reward, make_reverse_dataset, make_sort_dataset
+
+
+class Task(NamedTuple):
+    """A built-in task: how to make its data, how to score a completion, and its system prompt."""
+
+    make_dataset: Callable[[int, int, int], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+    reward_fn: Callable[[str, Any, str], float]
+    system_prompt: str | None
+
+
+TASKS: dict[str, Task] = {
+    "reverse": Task(make_reverse_dataset, letters_reward, None),
+    "sort": Task(make_sort_dataset, letters_reward, None),
+}
+
+
+def get_task(name: str) -> Task:
+    """The task registered as ``name``; the error lists the valid names."""
+    if name not in TASKS:
+        raise ValueError(f"task={name!r} is not a built-in task; choose one of {sorted(TASKS)}.")
+    return TASKS[name]
+
+
+__all__ = ["TASKS", "Task", "get_task", "letters_reward", "make_reverse_dataset", "make_sort_dataset"]
