@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from agilerl_llm.model.logprobs import auto_chunk_rows, fused_logprobs, naive_logprobs
+from agilerl_llm.model import logprobs as logprobs_module
+from agilerl_llm.model.logprobs import _chunk_bounds, auto_chunk_rows, fused_logprobs, naive_logprobs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN, ROWS, CHUNK = 37, 12, 10, 3
@@ -125,17 +126,23 @@ def test_tied_embedding_accumulates_both_contributions() -> None:
     assert (fused_grad - lm_head_only)[input_ids.unique()].abs().max() > 1e-4
 
 
-def test_bf16_inputs_match_fp32_reference() -> None:
-    hidden, weight = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), dtype=torch.bfloat16, seed=9)
-    hidden_fp32, weight_fp32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+@pytest.mark.parametrize("temperature, with_bias", [(2.0, False), (0.7, True)])
+def test_bf16_inputs_match_fp32_reference(temperature: float, with_bias: bool) -> None:
+    hidden, weight, bias = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), (VOCAB,), dtype=torch.bfloat16, seed=9)
+    hidden_fp32, weight_fp32, bias_fp32 = (t.detach().float().requires_grad_() for t in (hidden, weight, bias))
     target_ids = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(10))
+    inputs, inputs_fp32 = ([hidden, weight, bias], [hidden_fp32, weight_fp32, bias_fp32])
+    if not with_bias:
+        inputs, inputs_fp32 = inputs[:2], inputs_fp32[:2]
+    bias_arg, bias_fp32_arg = (bias, bias_fp32) if with_bias else (None, None)
 
-    fused = fused_logprobs(hidden, weight, target_ids, temperature=2.0, chunk_rows=CHUNK)
-    naive = naive_logprobs(hidden_fp32, weight_fp32, target_ids, temperature=2.0)
+    fused = fused_logprobs(hidden, weight, target_ids, bias=bias_arg, temperature=temperature, chunk_rows=CHUNK)
+    naive = naive_logprobs(hidden_fp32, weight_fp32, target_ids, bias=bias_fp32_arg, temperature=temperature)
     assert fused.dtype == torch.float32
     torch.testing.assert_close(fused, naive.detach(), atol=2e-2, rtol=2e-2)
-    fused_grads = _grads(fused.sum(), [hidden, weight])
-    naive_grads = _grads(naive.sum(), [hidden_fp32, weight_fp32])
+    upstream = torch.linspace(-1.0, 2.0, ROWS)
+    fused_grads = _grads((fused * upstream).sum(), inputs)
+    naive_grads = _grads((naive * upstream).sum(), inputs_fp32)
     for fused_grad, naive_grad in zip(fused_grads, naive_grads, strict=True):
         assert fused_grad.dtype == torch.bfloat16
         torch.testing.assert_close(fused_grad.float(), naive_grad, atol=2e-2, rtol=2e-2)
@@ -175,6 +182,106 @@ def test_entropy_matches_naive_and_is_detached(temperature: float, with_bias: bo
     torch.testing.assert_close(
         logprobs, naive_logprobs(hidden, weight, target_ids, bias=bias_arg, temperature=temperature)
     )
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_entropy_path_keeps_grads_exact(monkeypatch, dtype: torch.dtype, tolerance: float) -> None:
+    """With entropy the tile is processed in row blocks through a scratch buffer and must still end up holding
+    exp(z - max): the last chunk's tile is handed to backward, so a wrong restore would corrupt its grads."""
+    monkeypatch.setattr(logprobs_module, "ENTROPY_BLOCK_BYTES", 2 * VOCAB * 4)  # 2-row blocks: 3-row chunks split
+    hidden, weight, bias = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), (VOCAB,), dtype=dtype, seed=22)
+    reference = [t.detach().float().requires_grad_() for t in (hidden, weight, bias)]
+    target_ids = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(23))
+    upstream = torch.randn(ROWS, generator=torch.Generator().manual_seed(24))
+
+    logprobs, entropy = fused_logprobs(
+        hidden, weight, target_ids, bias=bias, temperature=0.9, chunk_rows=CHUNK, return_entropy=True
+    )
+    naive = naive_logprobs(*reference[:2], target_ids, bias=reference[2], temperature=0.9)
+    torch.testing.assert_close(logprobs, naive, atol=tolerance, rtol=tolerance)
+    expected_entropy = _naive_entropy(*reference[:2], reference[2], 0.9).float().detach()
+    torch.testing.assert_close(entropy, expected_entropy, atol=tolerance, rtol=tolerance)
+    fused_grads = _grads((logprobs * upstream).sum(), [hidden, weight, bias])
+    naive_grads = _grads((naive * upstream).sum(), reference)
+    for fused_grad, naive_grad in zip(fused_grads, naive_grads, strict=True):
+        torch.testing.assert_close(fused_grad.float(), naive_grad, atol=tolerance, rtol=tolerance)
+
+
+def test_second_backward_recomputes_every_chunk() -> None:
+    """The forward hands its last tile to the first backward, which overwrites it; a second backward through the
+    same graph (retain_graph=True) must not reuse it, and the first must release it."""
+    hidden, weight, bias = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), (VOCAB,), seed=25)
+    target_ids = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(26))
+    fused = fused_logprobs(hidden, weight, target_ids, bias=bias, temperature=1.3, chunk_rows=CHUNK)
+    node = fused.grad_fn.next_functions[0][0]  # the op's backward node, which is also its ctx
+    assert node.last_tile is not None
+    naive = naive_logprobs(hidden, weight, target_ids, bias=bias, temperature=1.3)
+    expected = _grads(naive.sum(), [hidden, weight, bias])
+
+    first = list(torch.autograd.grad(fused.sum(), [hidden, weight, bias], retain_graph=True))
+    assert node.last_tile is None
+    second = _grads(fused.sum(), [hidden, weight, bias])
+    for first_grad, second_grad, naive_grad in zip(first, second, expected, strict=True):
+        torch.testing.assert_close(first_grad, naive_grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(second_grad, naive_grad, atol=1e-5, rtol=1e-5)
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records (op name, output shapes) of every aten op run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.calls.append((func.overloadpacket.__name__, shapes))
+        return out
+
+    def matmuls(self) -> int:
+        return sum(name in {"mm", "addmm", "addmm_"} for name, _ in self.calls)
+
+
+@pytest.mark.parametrize("trainable", ["weight", "bias", "none"])
+def test_matmuls_and_weight_sized_work_in_backward(trainable: str) -> None:
+    """Frozen lm_head: backward is one multiply, no matmul and no (V, H) tensor. A trainable bias alone still takes
+    the recompute path but computes no weight gradient. Trainable weight: 3 matmuls per chunk less the one
+    recompute saved by the forward's last tile."""
+    rows, chunk = 11, 3  # 4 chunks: 3, 3, 3, 2
+    hidden, weight, bias = _leaves((rows, HIDDEN), (VOCAB, HIDDEN), (VOCAB,), seed=27)
+    weight.requires_grad_(trainable == "weight")
+    bias.requires_grad_(trainable == "bias")
+    target_ids = torch.randint(0, VOCAB, (rows,), generator=torch.Generator().manual_seed(28))
+    with _OpRecorder() as forward_ops:
+        fused = fused_logprobs(hidden, weight, target_ids, bias=bias, chunk_rows=chunk)
+    with _OpRecorder() as backward_ops:
+        fused.sum().backward()
+
+    num_chunks = 4
+    expected_backward = {"weight": 3 * num_chunks - 1, "bias": 2 * num_chunks - 1, "none": 0}[trainable]
+    assert forward_ops.matmuls() == (2 if trainable == "none" else 1) * num_chunks
+    assert backward_ops.matmuls() == expected_backward
+    weight_sized = [name for name, shapes in backward_ops.calls if (VOCAB, HIDDEN) in shapes]
+    assert bool(weight_sized) == (trainable == "weight"), weight_sized
+    assert (weight.grad is not None) == (trainable == "weight")
+    assert hidden.grad is not None
+    naive_hidden = hidden.detach().requires_grad_()
+    (expected,) = _grads(
+        naive_logprobs(naive_hidden, weight.detach(), target_ids, bias=bias.detach()).sum(), [naive_hidden]
+    )
+    torch.testing.assert_close(hidden.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_rows, chunk_rows", [(10, 3), (8200, 1024), (8192, 1024), (5, 7), (1, 1), (7, 1)])
+def test_chunk_bounds_are_contiguous_and_balanced(num_rows: int, chunk_rows: int) -> None:
+    bounds = _chunk_bounds(num_rows, chunk_rows)
+    sizes = [end - start for start, end in bounds]
+    assert bounds[0][0] == 0 and bounds[-1][1] == num_rows
+    assert all(prev[1] == nxt[0] for prev, nxt in zip(bounds[:-1], bounds[1:], strict=True))
+    assert len(bounds) == -(-num_rows // chunk_rows)
+    assert max(sizes) <= chunk_rows and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert _chunk_bounds(0, chunk_rows) == []
 
 
 def test_grad_only_for_inputs_that_require_it() -> None:

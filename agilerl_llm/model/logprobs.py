@@ -22,10 +22,12 @@ Backward, for the upstream gradient g_n = dL/dlogp_n::
     dL/db   = sum_n dL/dz_n / tau                             (V,)
 
 Cost, in (N, H) x (H, V) matmuls: forward alone is one, like the naive path. Forward + backward with a trainable
-lm_head is four instead of three, because each chunk's logits are computed again in backward; that is the price
-of never holding (N, V), and the (N, V) allocations and passes it saves pay most of it back. With a frozen lm_head
-(LoRA: only ``hidden`` needs grad) the forward, which holds each chunk's softmax anyway, also writes
-d logp / d hidden (N, H), so backward is one multiply and the total is two matmuls, as in the naive path.
+lm_head is 4 - 1/K instead of 3 (K = number of chunks): each chunk's logits are computed again in backward, except
+the last chunk's, whose softmax tile is still in memory when the forward ends and is handed to the backward as its
+working tile (so the peak is unchanged). That recompute is the price of never holding (N, V); the (N, V)
+allocations and passes it saves pay most of it back. With a frozen lm_head (LoRA: only ``hidden`` needs grad) the
+forward, which holds each chunk's softmax anyway, also writes d logp / d hidden (N, H), so backward is one multiply
+and the total is two matmuls, as in the naive path.
 
 Dtypes: with ``cast_logprobs_to_fp32=True`` (the default) the log-softmax, the returned log-probs and the
 entropy are float32 (float64 inputs stay float64) whatever the input dtype, because the policy-gradient ratio
@@ -37,7 +39,7 @@ Notation::
     N  token rows: every leading dim of ``hidden`` flattened (e.g. N = B * T)
     H  hidden size
     V  vocabulary size
-    C  rows per chunk (``chunk_rows``)
+    C  rows per chunk (``chunk_rows``); K = ceil(N / C) chunks of near-equal size
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ DEFAULT_TILE_BUDGET_BYTES = 128 * 2**20
 """One fp32 (C, V) logits tile is kept near this size. 128 MiB keeps each matmul large enough to run at full
 speed on CPU and GPU (C = 1024 rows at V = 32k) while the tile stays under 1/8 of the naive path's memory."""
 
+ENTROPY_BLOCK_BYTES = 2 * 2**20
+"""Entropy needs z - max and exp(z - max) side by side; it works through each tile in row blocks of about this
+size (cache-sized) with one small scratch buffer, instead of a second full tile."""
+
 
 def auto_chunk_rows(vocab_size: int, budget_bytes: int = DEFAULT_TILE_BUDGET_BYTES) -> int:
     """Rows per chunk so that one fp32 (rows, V) logits tile takes about ``budget_bytes``.
@@ -58,7 +64,7 @@ def auto_chunk_rows(vocab_size: int, budget_bytes: int = DEFAULT_TILE_BUDGET_BYT
         budget_bytes: memory for one fp32 logits tile.
 
     Returns:
-        C >= 1. With bf16 inputs and the fp32 cast, backward holds one extra half-size (C, V) bf16 copy.
+        C >= 1. With bf16 inputs and the fp32 cast, the op also holds one half-size (C, V) bf16 buffer.
     """
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}; pass weight.shape[0] of the lm_head.")
@@ -114,13 +120,18 @@ def fused_logprobs(
     (or tied) lm_head costs no grad_weight work. Padding positions are computed like any other row (their
     id must still be in [0, V)); mask them out of the loss afterwards.
 
+    Memory: one (C, V) tile (plus a half-size one for bf16 inputs with the fp32 cast) while it runs. When a
+    backward will follow, the last chunk's tile stays alive until that backward (which reuses it instead of
+    recomputing that chunk) or until the graph is freed; with a frozen lm_head an (N, H) gradient is kept instead.
+
     Args:
         hidden: (..., H) final hidden states (after the final norm).
         weight: (V, H) lm_head weight, same dtype and device as ``hidden``; may be tied to the input embedding.
         target_ids: (...) int64 ids in [0, V), same leading shape as ``hidden``.
         bias: (V,) optional lm_head bias.
         temperature: > 0; logits are divided by it, as in sampling.
-        chunk_rows: C, rows per chunk; None -> ``auto_chunk_rows(V)``.
+        chunk_rows: C, the most rows per chunk; None -> ``auto_chunk_rows(V)``. The N rows are split into
+            ceil(N / C) chunks of near-equal size, so no chunk is a sliver.
         cast_logprobs_to_fp32: True -> softmax statistics and outputs in float32 (float64 stays float64);
             False -> everything in the input dtype (cheaper, coarse in bf16).
         return_entropy: also return the per-row entropy of the tempered distribution, detached.
@@ -194,8 +205,36 @@ def _compute_dtype(input_dtype: torch.dtype, cast_logprobs_to_fp32: bool) -> tor
     return torch.promote_types(input_dtype, torch.float32) if cast_logprobs_to_fp32 else input_dtype
 
 
+def _chunk_bounds(num_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """[start, end) of ceil(N / C) chunks whose sizes differ by at most one row, largest first.
+
+    Equal chunks instead of C, C, ..., remainder: N = 8200 at C = 1024 gives nine chunks of 911-912 rows, not
+    eight full ones and an 8-row sliver whose matmul runs far below speed.
+    """
+    if num_rows == 0:
+        return []
+    num_chunks = -(-num_rows // chunk_rows)
+    base, extra = divmod(num_rows, num_chunks)
+    bounds, start = [], 0
+    for index in range(num_chunks):
+        end = start + base + (1 if index < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _low_precision_buffer(tile: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """A reusable (C, V) buffer in the matmul dtype when the tile is wider (bf16 inputs, fp32 softmax), else None.
+
+    CPU has no mixed-dtype matmul: logits are produced in the input dtype and upcast into the tile, and the
+    gradient tile is cast back down before its matmuls. Reusing one buffer avoids a fresh allocation per chunk.
+    """
+    return None if tile.dtype == dtype else torch.empty(tile.shape, dtype=dtype, device=tile.device)
+
+
 def _scaled_logits_into(
     tile: torch.Tensor,
+    low_precision: torch.Tensor | None,
     hidden_chunk: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -204,23 +243,53 @@ def _scaled_logits_into(
     """Write z = (hidden_chunk @ weight.T + bias) / temperature into ``tile`` (C, V) and return it.
 
     Writing into a reused tile matters on CPU: a fresh multi-hundred-MB allocation per chunk is page-faulted
-    in again every time, which costs a sizeable fraction of the matmul itself.
+    in again every time, which costs a sizeable fraction of the matmul itself. Bias and 1/temperature ride in
+    the matmul's beta/alpha, so they cost no extra pass over the tile.
     """
-    if tile.dtype == weight.dtype:
-        torch.mm(hidden_chunk, weight.T, out=tile)
-    else:
-        # CPU has no mixed-dtype matmul; the low-precision product is upcast before any softmax work.
-        tile.copy_(hidden_chunk @ weight.T)
+    inverse_temperature = 1.0 / temperature
+    if low_precision is None:
+        if bias is not None:
+            bias = bias.to(tile.dtype)  # (V,): a no-op unless the bias has its own dtype
+            torch.addmm(bias, hidden_chunk, weight.T, beta=inverse_temperature, alpha=inverse_temperature, out=tile)
+        elif temperature != 1.0:
+            torch.addmm(tile, hidden_chunk, weight.T, beta=0.0, alpha=inverse_temperature, out=tile)
+        else:
+            torch.mm(hidden_chunk, weight.T, out=tile)
+        return tile
+    # The low-precision product is upcast before any softmax work.
+    product = low_precision[: tile.shape[0]]
+    torch.mm(hidden_chunk, weight.T, out=product)
+    tile.copy_(product)
     if bias is not None:
         tile.add_(bias)
     if temperature != 1.0:
-        tile.mul_(1.0 / temperature)
+        tile.mul_(inverse_temperature)
     return tile
+
+
+def _exp_and_entropy_(shifted: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite ``shifted`` (C, V), holding s = z - max, with e = exp(s); return (sum_v e, entropy).
+
+    entropy = lse - E_p[z] = log(sum e) - sum(e * s) / sum(e). The two factors are needed at once, so the tile is
+    processed in row blocks through ``scratch`` (rows, V): each block stays in cache and no second tile exists.
+    """
+    num_rows, block_rows = shifted.shape[0], scratch.shape[0]
+    sum_exp = torch.empty(num_rows, dtype=shifted.dtype, device=shifted.device)
+    weighted = torch.empty_like(sum_exp)
+    for start in range(0, num_rows, block_rows):
+        end = min(start + block_rows, num_rows)
+        block = shifted[start:end]
+        exp_block = torch.exp(block, out=scratch[: end - start])
+        torch.sum(exp_block, dim=1, out=sum_exp[start:end])
+        torch.sum(block.mul_(exp_block), dim=1, out=weighted[start:end])
+        block.copy_(exp_block)
+    return sum_exp, sum_exp.log() - weighted / sum_exp
 
 
 def _unit_grad_hidden_into(
     out: torch.Tensor,
     exp_shifted: torch.Tensor,
+    low_precision: torch.Tensor | None,
     sum_exp: torch.Tensor,
     target_ids: torch.Tensor,
     weight: torch.Tensor,
@@ -234,15 +303,18 @@ def _unit_grad_hidden_into(
     inverse_temperature = 1.0 / temperature
     grad_logits = exp_shifted.mul_((-inverse_temperature / sum_exp)[:, None])
     grad_logits.scatter_add_(1, target_ids[:, None], torch.full_like(sum_exp[:, None], inverse_temperature))
-    torch.mm(grad_logits.to(weight.dtype), weight, out=out)
+    if low_precision is not None:
+        grad_logits = low_precision[: grad_logits.shape[0]].copy_(grad_logits)
+    torch.mm(grad_logits, weight, out=out)
 
 
 class _FusedLogprobs(torch.autograd.Function):
     """Autograd op on flattened inputs: hidden (N, H), weight (V, H), bias (V,) | None, target_ids (N,).
 
     Two backward strategies, picked in forward by ``frozen_head``:
-      * recompute (default): save hidden, weight and lse (N,); backward recomputes each tile.
-        Matmuls: 1 forward + up to 3 backward.
+      * recompute (default): save hidden, weight and lse (N,); backward recomputes each tile except the last
+        chunk's, which the forward leaves on ``ctx`` as softmax numerators. Matmuls: 1 forward + up to 3 backward,
+        less one recompute.
       * frozen head (only hidden needs grad, e.g. LoRA under a frozen lm_head): forward, which holds the softmax
         anyway, also writes d logp / d hidden (N, H); backward is one multiply. Matmuls: 2 forward + 0 backward.
     """
@@ -261,40 +333,58 @@ class _FusedLogprobs(torch.autograd.Function):
         frozen_head: bool,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+        bounds = _chunk_bounds(num_rows, chunk_rows)
+        tile_rows = bounds[0][1] if bounds else 0
         compute_dtype = _compute_dtype(hidden.dtype, cast_logprobs_to_fp32)
         logprobs = torch.empty(num_rows, dtype=compute_dtype, device=hidden.device)
         log_normaliser = torch.empty_like(logprobs)
         entropy = torch.empty_like(logprobs) if return_entropy else None
         unit_grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if frozen_head else None
-        tile = torch.empty(min(chunk_rows, num_rows), vocab_size, dtype=compute_dtype, device=hidden.device)
-        for start in range(0, num_rows, chunk_rows):
-            end = min(start + chunk_rows, num_rows)
-            logits = _scaled_logits_into(tile[: end - start], hidden[start:end], weight, bias, temperature)
+        tile = torch.empty(tile_rows, vocab_size, dtype=compute_dtype, device=hidden.device)
+        low_precision = _low_precision_buffer(tile, hidden.dtype)
+        scratch = None
+        if entropy is not None:
+            block_rows = max(1, ENTROPY_BLOCK_BYTES // (tile.element_size() * max(vocab_size, 1)))
+            scratch = torch.empty(min(block_rows, tile_rows), vocab_size, dtype=compute_dtype, device=hidden.device)
+        sum_exp = None
+        for start, end in bounds:
+            logits = _scaled_logits_into(
+                tile[: end - start], low_precision, hidden[start:end], weight, bias, temperature
+            )
             target_logits = logits.gather(1, target_ids[start:end, None]).squeeze(1)
             max_logits = logits.amax(dim=1, keepdim=True)
-            shifted = logits.sub_(max_logits)  # in place: z - max <= 0, so exp cannot overflow
-            # Entropy needs s = z - max and e = exp(s) at once; otherwise exponentiate the tile in place.
-            exp_shifted = shifted.exp_() if entropy is None else torch.exp(shifted)
-            sum_exp = exp_shifted.sum(dim=1)
-            if entropy is not None:
-                # entropy = lse - E_p[z] = log(sum e) - sum(e * s) / sum(e)
-                entropy[start:end] = sum_exp.log() - shifted.mul_(exp_shifted).sum(dim=1) / sum_exp
+            exp_shifted = logits.sub_(max_logits)  # in place: z - max <= 0, so exp cannot overflow
+            if entropy is None:
+                sum_exp = exp_shifted.exp_().sum(dim=1)
+            else:
+                sum_exp, entropy[start:end] = _exp_and_entropy_(exp_shifted, scratch)
             log_normaliser[start:end] = max_logits.squeeze(1) + sum_exp.log()
             logprobs[start:end] = target_logits - log_normaliser[start:end]
             if unit_grad_hidden is not None:
                 _unit_grad_hidden_into(
-                    unit_grad_hidden[start:end], exp_shifted, sum_exp, target_ids[start:end], weight, temperature
+                    unit_grad_hidden[start:end],
+                    exp_shifted,
+                    low_precision,
+                    sum_exp,
+                    target_ids[start:end],
+                    weight,
+                    temperature,
                 )
-            del exp_shifted
-        del tile
+        del scratch
 
         ctx.frozen_head = frozen_head
+        ctx.temperature = temperature
+        ctx.chunk_rows = chunk_rows
+        ctx.last_tile = None
         if frozen_head:
             ctx.save_for_backward(unit_grad_hidden)
         else:
             ctx.save_for_backward(hidden, weight, bias, target_ids, log_normaliser)
-        ctx.temperature = temperature
-        ctx.chunk_rows = chunk_rows
+            if bounds:
+                # The tile now holds exp(z - max) of the last chunk: softmax = that / sum_exp. Kept as a plain
+                # attribute, not a saved tensor, because backward reuses (overwrites) it as its working tile.
+                # Autograd drops ctx, and with it the tile, as soon as no graph needs it (e.g. under no_grad).
+                ctx.last_tile = (tile, low_precision, sum_exp.reciprocal())
         if entropy is None:
             return logprobs
         ctx.mark_non_differentiable(entropy)
@@ -307,8 +397,16 @@ class _FusedLogprobs(torch.autograd.Function):
             (unit_grad_hidden,) = ctx.saved_tensors
             grad_hidden = (grad_logprobs[:, None] * unit_grad_hidden).to(unit_grad_hidden.dtype)
             return grad_hidden, None, None, None, None, None, None, None, None
+        # Taken off ctx so it is freed with this backward, and so a second backward (retain_graph=True), which
+        # would find it overwritten, recomputes every chunk instead.
+        last_tile, ctx.last_tile = ctx.last_tile, None
         grad_hidden, grad_weight, grad_bias = _recompute_backward(
-            *ctx.saved_tensors, grad_logprobs, ctx.temperature, ctx.chunk_rows, ctx.needs_input_grad[:3]
+            *ctx.saved_tensors,
+            grad_logprobs,
+            ctx.temperature,
+            ctx.chunk_rows,
+            ctx.needs_input_grad[:3],
+            last_tile,
         )
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
@@ -323,38 +421,64 @@ def _recompute_backward(
     temperature: float,
     chunk_rows: int,
     needs_grad: tuple[bool, bool, bool],
+    last_tile: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Grads for (hidden, weight, bias), each None unless needed, recomputing one (C, V) tile at a time."""
+    """Grads for (hidden, weight, bias), each None unless needed, recomputing one (C, V) tile at a time.
+
+    Chunks run last to first, so the first one can use ``last_tile`` = (tile holding the forward's
+    exp(z - max) for the last chunk, its low-precision buffer, 1 / sum_exp per row) without a recompute.
+    """
     needs_hidden, needs_weight, needs_bias = needs_grad
     num_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    bounds = _chunk_bounds(num_rows, chunk_rows)
     compute_dtype = log_normaliser.dtype
     accumulate_dtype = torch.promote_types(weight.dtype, torch.float32)
     # Contiguous by construction, so each chunk's rows are a contiguous `out=` target for the matmul.
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if needs_weight else None
     grad_bias = torch.zeros(vocab_size, dtype=accumulate_dtype, device=weight.device) if needs_bias else None
+    grad_weight = weight_product = None
+    if needs_weight:
+        # Same dtype: the first chunk's matmul writes the buffer (no zero fill), later ones addmm_ into it.
+        # bf16: each chunk's product lands in one reused bf16 buffer and is summed into an fp32 buffer.
+        same_dtype = accumulate_dtype == weight.dtype and bool(bounds)
+        grad_weight = (torch.empty if same_dtype else torch.zeros)(
+            weight.shape, dtype=accumulate_dtype, device=weight.device
+        )
+        if not same_dtype and bounds:
+            weight_product = torch.empty_like(weight)
 
     # dL/dz / tau = coef * (onehot - softmax) with coef = g / tau; folding 1/tau here saves a pass over the tile.
     coefs = grad_logprobs.to(compute_dtype) / temperature
-    tile = torch.empty(min(chunk_rows, num_rows), vocab_size, dtype=compute_dtype, device=hidden.device)
-    for start in range(0, num_rows, chunk_rows):
-        end = min(start + chunk_rows, num_rows)
+    if last_tile is not None:
+        tile, low_precision, last_inverse_sum_exp = last_tile
+    else:
+        tile_rows = bounds[0][1] if bounds else 0
+        tile = torch.empty(tile_rows, vocab_size, dtype=compute_dtype, device=hidden.device)
+        low_precision = _low_precision_buffer(tile, weight.dtype)
+    for index, (start, end) in enumerate(reversed(bounds)):
         hidden_chunk, coef = hidden[start:end], coefs[start:end, None]
-        logits = _scaled_logits_into(tile[: end - start], hidden_chunk, weight, bias, temperature)
-        grad_logits = logits.sub_(log_normaliser[start:end, None]).exp_().mul_(coef.neg())
+        if index == 0 and last_tile is not None:
+            # exp(z - max) * (1 / sum_exp) is the softmax; fold that row scale into the -coef multiply.
+            grad_logits = tile[: end - start].mul_(coef * last_inverse_sum_exp[:, None].neg())
+        else:
+            logits = _scaled_logits_into(tile[: end - start], low_precision, hidden_chunk, weight, bias, temperature)
+            grad_logits = logits.sub_(log_normaliser[start:end, None]).exp_().mul_(coef.neg())
         grad_logits.scatter_add_(1, target_ids[start:end, None], coef)
         if grad_bias is not None:
             grad_bias += grad_logits.sum(dim=0)
-        grad_logits = grad_logits.to(weight.dtype)  # matmuls in the input dtype, e.g. bf16 on GPU
+        if low_precision is not None:  # matmuls in the input dtype, e.g. bf16
+            grad_logits = low_precision[: end - start].copy_(grad_logits)
         if grad_hidden is not None:
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
         if grad_weight is None:
             continue
-        if grad_weight.dtype == weight.dtype:
-            grad_weight.addmm_(grad_logits.T, hidden_chunk)
+        if weight_product is not None:
+            grad_weight += torch.mm(grad_logits.T, hidden_chunk, out=weight_product)
+        elif index == 0:
+            torch.mm(grad_logits.T, hidden_chunk, out=grad_weight)
         else:
-            grad_weight += grad_logits.T @ hidden_chunk  # per-chunk product in bf16, running sum in fp32
-    del tile
+            grad_weight.addmm_(grad_logits.T, hidden_chunk)
+    del tile, low_precision
 
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
