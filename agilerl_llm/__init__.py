@@ -6,6 +6,7 @@ HuggingFace rollouts, dataset environments and a population-ready training loop.
 
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.grpo import CISPO, GRPO, GSPO
+from agilerl_llm.checkpoint.agent import save_llm_checkpoint
 from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym, RewardFunctionError
 from agilerl_llm.optim import CosineLRScheduleConfig
 from agilerl_llm.rollout.base import ActionResult, SamplingSettings
@@ -27,4 +28,5 @@ __all__ = [
     "RewardFunctionError",
     "SamplingSettings",
     "finetune_llm_reasoning",
+    "save_llm_checkpoint",
 ]

@@ -27,6 +27,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
+from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
 from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
 from agilerl_llm.model.forward import HiddenStatesModel, enable_activation_checkpointing
@@ -246,7 +248,7 @@ class LLMAlgorithm:
         columns = attention_mask.any(dim=0).nonzero()
         first, last = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, input_ids.shape[1])
         hidden = self.policy_forward(input_ids[:, first:last], attention_mask[:, first:last])
-        weight, bias = self.policy_forward_module.output_head()
+        weight, bias = self._output_head()
         result = fused_logprobs(
             hidden[:, :-1],
             weight,
@@ -261,6 +263,16 @@ class LLMAlgorithm:
         if return_entropy:
             return tuple(torch.nn.functional.pad(r, padding) for r in result)
         return torch.nn.functional.pad(result, padding)
+
+    def _output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The lm_head's weight and bias; under ZeRO-3 a gathered, detached copy (the head is always frozen)."""
+        weight, bias = self.policy_forward_module.output_head()
+        if not hasattr(weight, "ds_id"):  # only ZeRO-3 partitions parameters (and tags them with ds_id)
+            return weight, bias
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in (weight, bias) if p is not None]):
+            return weight.detach().clone(), None if bias is None else bias.detach().clone()
 
     @property
     def policy_forward_module(self) -> HiddenStatesModel:
@@ -345,8 +357,18 @@ class LLMAlgorithm:
         if self.accelerator is not None:
             self.optimizer = self.accelerator.prepare(self.optimizer)
 
+    def _deepspeed_engine(self) -> Any | None:
+        """This agent's own DeepSpeed engine (the prepared training forward), or None without DeepSpeed."""
+        engine = self.__dict__.get("policy_forward")
+        return engine if hasattr(engine, "save_checkpoint") and hasattr(engine, "backward") else None
+
     def _backward(self, loss: torch.Tensor) -> None:
-        if self.accelerator is not None:
+        engine = self._deepspeed_engine()
+        if engine is not None:
+            # accelerator.backward drives the first engine Accelerate prepared; each agent drives its own.
+            engine.backward(loss)
+            engine.step()
+        elif self.accelerator is not None:
             self.accelerator.backward(loss)
         else:
             loss.backward()
@@ -355,7 +377,9 @@ class LLMAlgorithm:
         """Clip, step the optimizer and schedule, zero grads; returns the pre-clip gradient norm."""
         parameters = self.adapters.trainable_parameters()
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        if self.accelerator is not None:
+        if (engine := self._deepspeed_engine()) is not None:
+            grad_norm = engine.get_global_grad_norm()  # DeepSpeed clipped inside engine.step()
+        elif self.accelerator is not None:
             grad_norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
@@ -363,7 +387,7 @@ class LLMAlgorithm:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return float("nan") if grad_norm is None else float(grad_norm)  # DeepSpeed may report no norm
 
     def get_lr_names(self) -> list[str]:
         """Names of the learning-rate attributes (mutated by evolution)."""
@@ -385,12 +409,31 @@ class LLMAlgorithm:
         """Prepare the training forward, optimizer and schedule with the accelerator (together, for DeepSpeed)."""
         if self.accelerator is None:
             return
+        self._fill_deepspeed_batch_config()
         if self.lr_scheduler is not None:
             self.policy_forward, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
                 self.policy_forward, self.optimizer, self.lr_scheduler
             )
         else:
             self.policy_forward, self.optimizer = self.accelerator.prepare(self.policy_forward, self.optimizer)
+
+    def _fill_deepspeed_batch_config(self) -> None:
+        """Resolve a DeepSpeed config's "auto" sizes from ours: no dataloader tells Accelerate the micro-batch."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            return
+        config = plugin.deepspeed_config
+        ours = {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size_per_gpu,
+            "gradient_accumulation_steps": 1,  # each backward is one engine step, as with accelerator.backward
+            "gradient_clipping": self.max_grad_norm or 0.0,
+        }
+        for key, value in ours.items():
+            if config.get(key, "auto") == "auto":
+                config[key] = value
+        if config.get("train_batch_size", "auto") == "auto":
+            steps = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+            config["train_batch_size"] = steps * self.accelerator.num_processes
 
     def unwrap_models(self) -> None:
         """Remove the accelerator's wrapper from the training forward."""
@@ -407,6 +450,24 @@ class LLMAlgorithm:
             self.accelerator.free_memory()
         for name in ("policy_forward", "actor", "adapters", "optimizer", "lr_scheduler"):
             self.__dict__.pop(name, None)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str, lora_only: bool = True, save_optimizer: bool = True) -> None:
+        """Write this agent to the folder ``path``; see ``agilerl_llm.checkpoint.agent`` for the layout and grid."""
+        save_agent_checkpoint(self, path, lora_only=lora_only, save_optimizer=save_optimizer)
+
+    def load_checkpoint(
+        self,
+        path: str,
+        load_optimizer: bool = True,
+        overwrite_reference_adapter: bool = False,
+        overwrite_critic_adapter: bool = True,
+    ) -> None:
+        """Load a checkpoint made by ``save_checkpoint`` onto this agent (same base model and LoRA config).
+
+        By default the loaded actor also becomes the reference (SFT -> DPO -> GRPO); see ``checkpoint/agent.py``.
+        """
+        load_agent_checkpoint(self, path, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter)
 
     # ------------------------------------------------------------------------------------------ population
     @property
