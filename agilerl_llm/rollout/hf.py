@@ -5,11 +5,21 @@ Prompts arrive left-padded as one (B, P) batch. Each prompt is repeated ``num_co
 ``generate`` serves many prompts. A completion ends at its first eos token (kept, so the policy learns
 to stop) or at the token budget; everything after it is padding, and the masks say so explicitly:
 the pad id is never used to find where a completion ends, because pad may equal eos.
+
+Two things keep a rollout from paying for work it does not need:
+
+* the prompt is encoded once per prompt, not once per completion: the KV cache of every prompt token
+  but the last is computed for the B distinct prompts and repeated G times, and ``generate`` continues
+  from it (``shared_prompt_cache``); without it, prefill does G times the prompt work;
+* a PEFT LoRA model is generated through its underlying transformers model (the LoRA layers sit inside
+  it, so the active adapter still applies); PEFT's ``generate`` wrapper adds per-step work that plain
+  LoRA does not use.
 """
 
 from __future__ import annotations
 
 import torch
+from peft import LoraConfig, PeftModel
 from torch import nn
 
 from agilerl_llm.rollout.base import ActionResult, SamplingSettings, masks_from_lengths
@@ -52,6 +62,44 @@ def generation_kwargs(sampling: SamplingSettings, prompt_length: int, do_sample:
     return kwargs
 
 
+def generation_model(model: nn.Module) -> nn.Module:
+    """The module whose ``generate`` to call: a PEFT model carrying plain LoRA unwraps to its transformers model.
+
+    LoRA is injected into the transformers model's own layers, so generating through it applies the active adapter
+    exactly as ``PeftModel.generate`` does. Other PEFT methods (prompt learning, aLoRA), which need PEFT's wrapper,
+    keep it.
+    """
+    if not isinstance(model, PeftModel):
+        return model
+    config = model.active_peft_config
+    if type(config) is LoraConfig and not getattr(config, "alora_invocation_tokens", None):
+        return model.get_base_model()
+    return model
+
+
+def shared_prompt_cache(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int):
+    """The KV cache of each prompt without its last token, computed once per prompt and repeated ``repeats`` times.
+
+    Passing it to ``generate`` with the repeated prompts makes prefill encode only the last prompt token of each
+    row. Positions follow ``generate``'s own rule (count of real tokens, 0 on padding), so the cache is the one
+    ``generate`` would have built. Returns None when there is nothing to share (one completion per prompt, a
+    one-token prompt) or the model's cache cannot be repeated; ``generate`` then prefills the usual way.
+    """
+    if repeats < 2 or prompt_ids.shape[1] < 2:
+        return None
+    mask = prompt_mask[:, :-1].long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    # The decoder stack alone: the prefix's logits are not needed.
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    backbone = backbone if isinstance(backbone, nn.Module) else model
+    output = backbone(input_ids=prompt_ids[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = getattr(output, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
 @torch.no_grad()
 def generate_completions(
     model: nn.Module,
@@ -80,12 +128,18 @@ def generate_completions(
     batch, prompt_length = prompt_ids.shape
     kwargs = generation_kwargs(sampling, prompt_length, do_sample)
     chunk_size = chunk_size or batch
+    generator = generation_model(model)
     pieces = []
     for start in range(0, batch, chunk_size):
-        ids = prompt_ids[start : start + chunk_size].repeat_interleave(num_completions, dim=0)
-        mask = prompt_mask[start : start + chunk_size].repeat_interleave(num_completions, dim=0)
-        output = model.generate(
-            input_ids=ids, attention_mask=mask.long(), pad_token_id=pad_token_id, eos_token_id=eos_token_ids, **kwargs
+        chunk_ids, chunk_mask = prompt_ids[start : start + chunk_size], prompt_mask[start : start + chunk_size]
+        cache = shared_prompt_cache(generator, chunk_ids, chunk_mask, num_completions)
+        output = generator.generate(
+            input_ids=chunk_ids.repeat_interleave(num_completions, dim=0),
+            attention_mask=chunk_mask.repeat_interleave(num_completions, dim=0).long(),
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_ids,
+            **({"past_key_values": cache} if cache is not None else {}),
+            **kwargs,
         )
         pieces.append(output[:, prompt_length:])
     width = max(piece.shape[1] for piece in pieces)
