@@ -6,17 +6,27 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from agilerl_llm import CISPO, GSPO, GRPO
+from agilerl_llm import CISPO, GRPO, GSPO
 from agilerl_llm.envs.reasoning import ReasoningGym
 
 DATA = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(0, 120, 10) for b in range(3)]
 
 
 def make_agent(model_dir, tokenizer, cls=GRPO, **kwargs):
-    kwargs = {"group_size": 4, "max_output_tokens": 5, "gradient_checkpointing": False, "lr": 1e-2, "batch_size": 12,
-              "beta": 0.01} | kwargs
-    return cls(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
-               **kwargs)
+    kwargs = {
+        "group_size": 4,
+        "max_output_tokens": 5,
+        "gradient_checkpointing": False,
+        "lr": 1e-2,
+        "batch_size": 12,
+        "beta": 0.01,
+    } | kwargs
+    return cls(
+        tokenizer.pad_token_id,
+        tokenizer.pad_token,
+        actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
+        **kwargs,
+    )
 
 
 def rollout(agent, tokenizer, reward=lambda c, a, p: c.count("1") / 5):
@@ -117,8 +127,10 @@ def test_zero_variance_groups_give_no_gradient_and_are_filtered(tiny_model_dir, 
     mixed = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
     metrics = filtering.learn((result.completion_ids, result.action_masks, mixed, result.attention_mask))
     assert metrics["rows_kept"] == 4.0
-    assert filtering.learn((result.completion_ids, result.action_masks, constant, result.attention_mask))[
-        "rows_kept"] == 0.0
+    assert (
+        filtering.learn((result.completion_ids, result.action_masks, constant, result.attention_mask))["rows_kept"]
+        == 0.0
+    )
 
 
 def test_old_logprob_pass_agrees_with_the_training_pass(tiny_model_dir, tokenizer):
@@ -144,9 +156,22 @@ def peaked_model_dir(tmp_path_factory):
 def test_learning_raises_reward_on_a_toy_task(peaked_model_dir, tokenizer):
     """Reward = share of lowercase letters among the completion's characters (about 10% at random
     initialisation): GRPO must find and reinforce them."""
-    agent = make_agent(peaked_model_dir, tokenizer, lr=1e-2, group_size=8, batch_size=24, temperature=1.0, top_k=0,
-                       top_p=1.0, beta=0.0, max_output_tokens=4, min_output_tokens=4)
-    env = ReasoningGym(DATA, DATA, tokenizer, lambda c, a, p: sum(ch.islower() for ch in c) / max(len(c), 1), data_batch_size_per_gpu=3)
+    agent = make_agent(
+        peaked_model_dir,
+        tokenizer,
+        lr=1e-2,
+        group_size=8,
+        batch_size=24,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        beta=0.0,
+        max_output_tokens=4,
+        min_output_tokens=4,
+    )
+    env = ReasoningGym(
+        DATA, DATA, tokenizer, lambda c, a, p: sum(ch.islower() for ch in c) / max(len(c), 1), data_batch_size_per_gpu=3
+    )
     prompts = env.reset()
     rewards = []
     for _ in range(30):

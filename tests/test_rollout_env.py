@@ -24,8 +24,12 @@ def make_env(tokenizer, reward_fn=None, batch=3, **kwargs) -> ReasoningGym:
 
 def make_agent(tiny_model_dir, tokenizer, **kwargs) -> GRPO:
     kwargs = {"group_size": 4, "max_output_tokens": 6, "gradient_checkpointing": False, "lr": 1e-2} | kwargs
-    return GRPO(tokenizer.pad_token_id, tokenizer.pad_token,
-                actor_network=AutoModelForCausalLM.from_pretrained(tiny_model_dir), **kwargs)
+    return GRPO(
+        tokenizer.pad_token_id,
+        tokenizer.pad_token,
+        actor_network=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        **kwargs,
+    )
 
 
 def test_completion_lengths_stop_at_the_first_eos_even_when_pad_equals_eos():
@@ -79,13 +83,23 @@ def test_sampling_logprobs_equal_training_logprobs_on_left_padded_batches(tiny_m
     agent = make_agent(tiny_model_dir, tokenizer, temperature=0.7, top_p=1.0, top_k=0)
     prompts = env.reset()
     assert not prompts.attention_mask.all()  # the batch really is padded
-    out = agent.actor.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask.long(),
-                               do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=5,
-                               output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    out = agent.actor.generate(
+        input_ids=prompts.input_ids,
+        attention_mask=prompts.attention_mask.long(),
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=5,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     generated = out.sequences[:, prompts.input_ids.shape[1] :]
     kept = torch.arange(5)[None] < completion_lengths(generated, [tokenizer.eos_token_id])[:, None]
-    sampled = torch.stack([torch.log_softmax(s, -1).gather(1, generated[:, i : i + 1])[:, 0]
-                           for i, s in enumerate(out.scores)], dim=1)
+    sampled = torch.stack(
+        [torch.log_softmax(s, -1).gather(1, generated[:, i : i + 1])[:, 0] for i, s in enumerate(out.scores)], dim=1
+    )
     attention = torch.cat([prompts.attention_mask, kept], dim=1)
     ours = agent.get_logprobs(out.sequences, attention, temperature=0.7)[:, prompts.input_ids.shape[1] - 1 :]
     assert kept.sum() >= 10
@@ -143,8 +157,9 @@ def test_experience_derives_the_attention_mask_from_structure(tiny_model_dir, to
     agent = make_agent(tiny_model_dir, tokenizer)
     result = agent.get_action(env.reset())
     rewards = torch.zeros(3, 4)
-    derived = Experience.from_input((result.completion_ids, result.action_masks, rewards), tokenizer.pad_token_id,
-                                    torch.device("cpu"))
+    derived = Experience.from_input(
+        (result.completion_ids, result.action_masks, rewards), tokenizer.pad_token_id, torch.device("cpu")
+    )
     assert torch.equal(derived.attention_mask, result.attention_mask)
     with pytest.raises(ValueError, match="action_masks has shape"):
         Experience.from_input((result.completion_ids, result.action_masks[:, :-1], rewards), 0, torch.device("cpu"))

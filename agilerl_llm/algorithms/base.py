@@ -70,7 +70,7 @@ class LLMAlgorithm:
         seed: seeds python, numpy and torch on construction.
         gradient_checkpointing: recompute activations in backward to save memory.
         cast_logprobs_to_fp32: reduce log-probs in fp32 (see ``fused_logprobs``).
-        fused_logprobs_chunk_rows: rows per logits tile in the fused op; None auto-sizes to ~256 MB.
+        fused_logprobs_chunk_rows: rows per logits tile in the fused op; None auto-sizes to ~128 MiB of fp32 logits.
         calc_position_embeddings: derive position ids from the attention mask (left padding).
     """
 

@@ -113,7 +113,9 @@ def pretrain_on_demonstrations(
         max_grad_norm: gradient-norm clip.
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"steps, batch_size and lr must be positive; got steps={steps}, batch_size={batch_size}, lr={lr}.")
+        raise ValueError(
+            f"steps, batch_size and lr must be positive; got steps={steps}, batch_size={batch_size}, lr={lr}."
+        )
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before the warm start.")
     tokenized = tokenize_demonstrations(tokenizer, examples)

@@ -4,7 +4,7 @@
 
 * ``make_dataset(num_train, num_test, seed) -> (train, test)``: disjoint lists of
   ``{"question", "answer"}`` samples, ready for ``ReasoningGym``;
-* ``reward_fn(completion, answer, prompt) -> float`` in [0, 1];
+* ``reward_fn(completion, answer, prompt) -> float`` in [0, 1] (exact match for the letters tasks);
 * ``system_prompt``: the system message to render before each question, or None.
 
 Usage::
@@ -19,7 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from agilerl_llm.envs.tasks.letters import letters_reward, make_reverse_dataset, make_sort_dataset
+from agilerl_llm.envs.tasks.letters import (
+    exact_match_reward,
+    letters_reward,
+    make_reverse_dataset,
+    make_sort_dataset,
+)
 
 
 class Task(NamedTuple):
@@ -31,8 +36,8 @@ class Task(NamedTuple):
 
 
 TASKS: dict[str, Task] = {
-    "reverse": Task(make_reverse_dataset, letters_reward, None),
-    "sort": Task(make_sort_dataset, letters_reward, None),
+    "reverse": Task(make_reverse_dataset, exact_match_reward, None),
+    "sort": Task(make_sort_dataset, exact_match_reward, None),
 }
 
 
@@ -43,4 +48,12 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "Task", "get_task", "letters_reward", "make_reverse_dataset", "make_sort_dataset"]
+__all__ = [
+    "TASKS",
+    "Task",
+    "exact_match_reward",
+    "get_task",
+    "letters_reward",
+    "make_reverse_dataset",
+    "make_sort_dataset",
+]

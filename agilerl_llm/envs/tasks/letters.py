@@ -9,9 +9,11 @@ A sample is ``{"question": "reverse: cabd", "answer": "dbac"}``. Strings are dra
 from the first ``alphabet_size`` lowercase letters, with a length in ``[min_length, max_length]``.
 The train and test splits are disjoint by construction (every string appears at most once overall).
 
-The reward (``letters_reward``) is 1.0 for the exact answer and otherwise at most 0.5 of partial credit
-for the letters placed right (see its docstring), so "almost right" still gives GRPO a gradient but an
-exact answer is always worth clearly more.
+Two rewards: ``exact_match_reward`` (1.0 for the exact answer, else 0.0; the built-in tasks use it) and
+``letters_reward`` (the exact answer scores 1.0, an inexact one at most 0.5 of partial credit for the
+letters placed right). Measured on the quickstart, the binary reward raised held-out exact answers
+faster: partial credit lets GRPO settle for "mostly right", which greedy decoding then rarely turns into
+an exact answer.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ def make_sort_dataset(num_train: int, num_test: int, seed: int = 0) -> tuple[lis
     return make_letters_dataset("sort", num_train, num_test, seed)
 
 
+def exact_match_reward(completion: str, answer: str, prompt: str = "") -> float:
+    """1.0 when the completion, stripped of surrounding whitespace, is exactly the answer; else 0.0."""
+    return 1.0 if completion.strip() == answer else 0.0
+
+
 def letters_reward(completion: str, answer: str, prompt: str = "") -> float:
     """1.0 for the exact answer, else ``0.5 * (letters right in place) / max(len(completion), len(answer))``.
 
@@ -108,5 +115,5 @@ def letters_reward(completion: str, answer: str, prompt: str = "") -> float:
         return 1.0
     if not completion:
         return 0.0
-    right = sum(produced == expected for produced, expected in zip(completion, answer))
+    right = sum(produced == expected for produced, expected in zip(completion, answer, strict=False))
     return PARTIAL_CREDIT * right / max(len(completion), len(answer))
