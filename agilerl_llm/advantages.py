@@ -397,3 +397,45 @@ def gae(rewards: Tensor, values: Tensor, action_mask: Tensor, gamma: float, lam:
     advantages = torch.stack(columns[::-1], dim=1) if columns else torch.zeros_like(values)
     returns = torch.where(mask, advantages + values, 0.0)
     return advantages, returns
+
+
+def last_action_mask(action_mask: Tensor) -> Tensor:
+    """Where each row's last action token is.
+
+    Args:
+        action_mask: (N, T).
+
+    Returns:
+        (N, T) bool, True only at the last action position of each row (all False for a row without actions).
+    """
+    mask = action_mask.bool()
+    later_actions = mask.flip(1).cumsum(1).flip(1) - mask.long()  # action tokens strictly after position t
+    return mask & (later_actions == 0)
+
+
+def kl_penalised_token_rewards(
+    rewards: Tensor, action_mask: Tensor, kl: Tensor | None = None, beta: float = 0.0
+) -> Tensor:
+    """Token-level rewards for PPO: the outcome reward on the last generated token, minus a per-token KL penalty.
+
+    ``r_it = R_i * [t is row i's last action token] - beta * kl_it`` on action tokens, 0 elsewhere. The
+    outcome reward is placed once, never copied onto every token.
+
+    Args:
+        rewards: (N,) one outcome reward per completion.
+        action_mask: (N, T).
+        kl: (N, T) per-token KL estimate (e.g. ``losses.kl_k3``, detached) or None.
+        beta: KL coefficient, >= 0.
+
+    Returns:
+        (N, T) token rewards, 0 on non-action positions.
+    """
+    if rewards.dim() != 1 or rewards.shape[0] != action_mask.shape[0]:
+        raise ValueError(f"rewards must be (N,) with N={action_mask.shape[0]}, got shape {tuple(rewards.shape)}.")
+    if isinstance(beta, bool) or not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}.")
+    mask = action_mask.bool()
+    token_rewards = torch.where(last_action_mask(mask), rewards[:, None], 0.0)
+    if kl is not None and beta > 0:
+        token_rewards = token_rewards - beta * torch.where(mask, kl, 0.0)
+    return torch.where(mask, token_rewards, 0.0)

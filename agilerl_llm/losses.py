@@ -502,3 +502,30 @@ def clipped_value_loss(
         clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
         per_token = 0.5 * torch.maximum(unclipped, (clipped_values - returns).pow(2))
     return aggregate_token_loss(per_token, action_mask, num_tokens_normalizer)
+
+
+def sft_loss(logprobs: Tensor, loss_mask: Tensor, num_tokens_normalizer: float | Tensor) -> Tensor:
+    """Supervised fine-tuning: negative log-likelihood of the completion tokens, aggregated like every loss.
+
+    Args:
+        logprobs: (N, T) log-probs of each next token (differentiable).
+        loss_mask: (N, T), nonzero where the next token is a completion token (prompt and padding excluded).
+        num_tokens_normalizer: completion tokens in the whole optimizer batch.
+
+    Returns:
+        0-d tensor; the micro-batch scalars sum to the optimizer batch's mean NLL per completion token.
+    """
+    return aggregate_token_loss(-logprobs, loss_mask, num_tokens_normalizer)
+
+
+def sequence_logprobs(logprobs: Tensor, loss_mask: Tensor) -> Tensor:
+    """Log-probability of each row's completion: the sum of its masked token log-probs.
+
+    Args:
+        logprobs: (N, T).
+        loss_mask: (N, T), nonzero on completion tokens.
+
+    Returns:
+        (N,) summed log-probs (0 for a row without completion tokens).
+    """
+    return torch.where(loss_mask.bool(), logprobs, 0.0).sum(dim=1)

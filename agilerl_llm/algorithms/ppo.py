@@ -1,0 +1,275 @@
+"""LLMPPO: PPO with a learned critic (a ``critic`` LoRA adapter plus a linear value head) on a LoRA actor.
+
+One learning step (``LLMPPO.learn``), top to bottom:
+
+1. under no_grad: behaviour log-probs (actor), reference log-probs (when ``beta > 0``) and values (critic);
+2. token rewards: the completion's reward on its last generated token minus ``beta * k3`` of
+   KL(pi || pi_ref) on every generated token (``advantages.kl_penalised_token_rewards``, ``losses.kl_k3``);
+3. GAE over the generated tokens only (``advantages.gae`` with ``gamma``, ``gae_lambda``), giving advantages
+   and value targets; advantages are optionally whitened over the batch's action tokens;
+4. for each epoch, for each mini-batch, for each micro-batch: actor log-probs with grad -> clipped surrogate
+   (``losses.grpo_policy_loss``, the KL already in the reward) -> backward; critic values with grad ->
+   ``vf_coef`` x clipped value loss (``losses.clipped_value_loss``, ``cliprange_value``) -> backward; then one
+   clipped optimizer step. The two backward passes sum to the gradient of ``policy + vf_coef * value``.
+
+Where we deviate from classic RLHF PPO (Ouyang et al. 2022): the per-token KL penalty is the k3 estimator,
+the package's one KL estimator, instead of the log-ratio; the value head reads the critic adapter's final
+hidden state (a separate forward from the actor's, over the same frozen base). The value head's gradient
+is clipped on its own to ``max_grad_norm`` (the base class clips the adapters).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agilerl_llm.advantages import gae, kl_penalised_token_rewards, whiten_token_advantages
+from agilerl_llm.algorithms.base import LLMAlgorithm
+from agilerl_llm.algorithms.experience import Experience
+from agilerl_llm.losses import clipped_value_loss, grpo_policy_loss, kl_k3, resolve_clip_bounds
+from agilerl_llm.model.adapters import CRITIC
+from agilerl_llm.model.value_head import ValueHead
+from agilerl_llm.optim import build_lr_scheduler, build_optimizer
+from agilerl_llm.rollout.base import SamplingSettings
+
+
+class PPOSettings(BaseModel):
+    """The PPO-specific hyperparameters, validated once at construction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group_size: int = Field(default=1, ge=1, description="Completions sampled per prompt.")
+    beta: float = Field(default=0.01, ge=0.0, description="Per-token KL penalty in the reward; 0 disables it.")
+    clip_coef: float | tuple[float, float] = Field(default=0.2, description="Policy ratio clip.")
+    vf_coef: float = Field(default=0.5, ge=0.0, description="Weight of the value loss.")
+    cliprange_value: float | None = Field(default=0.2, gt=0.0, description="Value clip range; None disables it.")
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0, description="Discount over generated tokens.")
+    gae_lambda: float = Field(default=0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    update_epochs: int = Field(default=1, ge=1, description="Passes over each batch.")
+    whiten_advantages: bool = Field(default=True, description="Standardise advantages over the batch's action tokens.")
+
+    @model_validator(mode="after")
+    def _check_clip_coef(self) -> PPOSettings:
+        resolve_clip_bounds(self.clip_coef)  # raises ValueError naming clip_coef
+        return self
+
+
+class LLMPPO(LLMAlgorithm):
+    """PPO on a LoRA actor with a LoRA critic and a value head.
+
+    Takes every argument of ``LLMAlgorithm``, the hyperparameters of ``PPOSettings`` and the sampling settings of
+    ``SamplingSettings``. ``use_liger_loss`` is accepted and warns (the Liger path is not available yet).
+    """
+
+    uses_critic = True
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_token: str,
+        *,
+        group_size: int = 1,
+        beta: float = 0.01,
+        clip_coef: float | tuple[float, float] = 0.2,
+        vf_coef: float = 0.5,
+        cliprange_value: float | None = 0.2,
+        gamma: float = 1.0,
+        gae_lambda: float = 0.95,
+        update_epochs: int = 1,
+        whiten_advantages: bool = True,
+        temperature: float = 0.9,
+        repetition_penalty: float = 1.0,
+        top_p: float = 0.95,
+        top_k: int | None = 50,
+        min_p: float = 0.0,
+        max_output_tokens: int | None = None,
+        min_output_tokens: int = 0,
+        max_model_len: int = 1024,
+        hf_generate_chunk_size: int | None = None,
+        use_liger_loss: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        settings = PPOSettings(
+            group_size=group_size,
+            beta=beta,
+            clip_coef=clip_coef,
+            vf_coef=vf_coef,
+            cliprange_value=cliprange_value,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            update_epochs=update_epochs,
+            whiten_advantages=whiten_advantages,
+        )
+        sampling = SamplingSettings(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            max_output_tokens=max_output_tokens,
+            min_output_tokens=min_output_tokens,
+            max_model_len=max_model_len,
+        )
+        if use_liger_loss:
+            warnings.warn(
+                "use_liger_loss=True: the Liger path is not available yet; using the fused path.", UserWarning, 2
+            )
+        self.__dict__.update(settings.model_dump() | sampling.model_dump())
+        self.hf_generate_chunk_size = hf_generate_chunk_size
+        self.use_liger_loss = use_liger_loss
+        super().__init__(pad_token_id, pad_token, **base_kwargs)
+        self.value_head_state = self.value_head.plain_state()  # plain data: travels in attributes.pt
+
+    # ------------------------------------------------------------------------------------------ critic
+    def _build_optimizer(self) -> None:
+        """AdamW over the actor and critic adapters and the value head (created here on first use)."""
+        if "value_head" not in self.__dict__:
+            hidden_size = self.policy_forward_module.output_head()[0].shape[1]
+            self.value_head = ValueHead(hidden_size).to(self.device)
+        parameters = self.adapters.trainable_parameters() + list(self.value_head.parameters())
+        self.optimizer = build_optimizer(parameters, self.lr)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cosine_lr_schedule_config)
+
+    def _optimizer_step(self) -> float:
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), self.max_grad_norm)
+        return super()._optimizer_step()
+
+    def get_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Critic values without grad: (N, S) ids -> (N, S-1), position t valuing the prefix up to token t.
+
+        Aligned with the log-probs: position t is the state from which token t + 1 is chosen.
+        """
+        chunks = []
+        with torch.no_grad(), self.select_adapter(CRITIC):
+            for start in range(0, input_ids.shape[0], self.micro_batch_size_per_gpu):
+                rows = slice(start, start + self.micro_batch_size_per_gpu)
+                chunks.append(self._critic_forward(input_ids[rows], attention_mask[rows]))
+        return torch.cat(chunks)
+
+    def _critic_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, S) -> (N, S-1) values; call with the critic adapter active."""
+        hidden = self.policy_forward(input_ids.to(self.device), attention_mask.to(self.device))
+        return self.value_head(hidden[:, :-1])
+
+    # ------------------------------------------------------------------------------------------ learning
+    def learn(self, experiences: Any) -> dict[str, float]:
+        """One PPO update from ``(completion_ids, action_masks, rewards[, attention_mask])`` or an ``Experience``.
+
+        Returns:
+            ``mean_loss`` (policy + vf_coef * value), ``mean_kl`` (k3 per action token at rollout time),
+            ``value_loss``, ``policy_loss``, ``clip_fraction``, ``ratio_mean``, ``grad_norm``, ``value_mean``,
+            ``return_mean`` and ``lr``.
+        """
+        batch = Experience.from_input(experiences, self.pad_token_id, self.device)
+        rewards = batch.rewards.sum(dim=1) if batch.rewards.dim() == 2 else batch.rewards
+        mask = batch.action_mask
+        self.set_training_mode(False)
+        old_logprobs = self.get_logprobs(batch.completion_ids, batch.attention_mask, temperature=self.temperature)
+        old_values = self.get_values(batch.completion_ids, batch.attention_mask)
+        kl = None
+        if self.beta > 0:
+            ref = self.get_logprobs(
+                batch.completion_ids, batch.attention_mask, policy="reference", temperature=self.temperature
+            )
+            kl = kl_k3(torch.where(mask, old_logprobs, 0.0), torch.where(mask, ref, 0.0))
+        token_rewards = kl_penalised_token_rewards(rewards, mask, kl, self.beta)
+        advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.gae_lambda)
+        if self.whiten_advantages:
+            advantages = whiten_token_advantages(advantages, mask)
+        batch = batch.with_fields(advantages=advantages, old_logprobs=old_logprobs)
+        self.set_training_mode(True)
+        totals: dict[str, float] = {}
+        steps = 0
+        for _ in range(self.update_epochs):
+            order = torch.randperm(batch.num_rows, device=self.device)
+            for start in range(0, batch.num_rows, self.batch_size):
+                rows = order[start : start + self.batch_size]
+                for key, value in self._optimise_mini_batch(batch, old_values, returns, rows).items():
+                    totals[key] = totals.get(key, 0.0) + value
+                steps += 1
+        num_actions = mask.sum().clamp(min=1)
+        metrics = {key: value / steps for key, value in totals.items()}
+        return metrics | {
+            "mean_kl": float(kl[mask].mean()) if kl is not None and mask.any() else 0.0,
+            "value_mean": float(old_values[mask].sum() / num_actions),
+            "return_mean": float(returns[mask].sum() / num_actions),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def _optimise_mini_batch(
+        self, batch: Experience, old_values: torch.Tensor, returns: torch.Tensor, rows: torch.Tensor
+    ) -> dict[str, float]:
+        """Accumulate policy + value gradients over micro-batches of ``rows``, then take one optimizer step."""
+        num_tokens = batch.action_mask[rows].sum().float()
+        if self.accelerator is not None:
+            num_tokens = self.accelerator.reduce(num_tokens, reduction="sum")
+        normalizer = num_tokens.clamp(min=1.0)
+        ratio_low, ratio_high = resolve_clip_bounds(self.clip_coef)
+        sums = dict.fromkeys(("mean_loss", "policy_loss", "value_loss", "clip_fraction", "ratio_mean"), 0.0)
+        for start in range(0, len(rows), self.micro_batch_size_per_gpu):
+            micro_rows = rows[start : start + self.micro_batch_size_per_gpu]
+            micro = batch.select(micro_rows)
+            logprobs = self.get_logprobs(
+                micro.completion_ids, micro.attention_mask, temperature=self.temperature, requires_grad=True
+            )
+            policy = grpo_policy_loss(
+                logprobs,
+                micro.old_logprobs,
+                None,
+                micro.advantages,
+                micro.action_mask,
+                loss_type="grpo",
+                ratio_low=ratio_low,
+                ratio_high=ratio_high,
+                beta=0.0,
+                num_tokens_normalizer=normalizer,
+            )
+            self._backward(policy.loss)
+            # The critic's backward runs while its adapter is active: activation checkpointing recomputes
+            # the forward in backward, with whichever adapter is active then.
+            with self.select_adapter(CRITIC):
+                values = self._critic_forward(micro.completion_ids, micro.attention_mask)
+                value_loss = clipped_value_loss(
+                    values,
+                    old_values[micro_rows],
+                    returns[micro_rows],
+                    micro.action_mask,
+                    self.cliprange_value,
+                    normalizer,
+                )
+                self._backward(self.vf_coef * value_loss)
+            sums["mean_loss"] += float(policy.loss.detach() + self.vf_coef * value_loss.detach())
+            sums["policy_loss"] += float(policy.policy_loss)
+            sums["value_loss"] += float(value_loss.detach())
+            sums["clip_fraction"] += float(policy.clip_fraction)
+            sums["ratio_mean"] += float(policy.ratio_mean)
+        sums["grad_norm"] = self._optimizer_step()
+        return sums
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str, lora_only: bool = True, save_optimizer: bool = True) -> None:
+        """As ``LLMAlgorithm.save_checkpoint``; the value head's weights go into attributes.pt as plain lists."""
+        self.value_head_state = self.value_head.plain_state()
+        super().save_checkpoint(path, lora_only=lora_only, save_optimizer=save_optimizer)
+
+    def load_checkpoint(
+        self,
+        path: str,
+        load_optimizer: bool = True,
+        overwrite_reference_adapter: bool = False,
+        overwrite_critic_adapter: bool = True,
+    ) -> None:
+        """As ``LLMAlgorithm.load_checkpoint``; an LLMPPO checkpoint's value head is restored with its critic.
+
+        A checkpoint of another algorithm (no value head) leaves the live value head as it is.
+        """
+        live = self.value_head.plain_state()
+        self.value_head_state = live
+        super().load_checkpoint(path, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter)
+        if not overwrite_critic_adapter:
+            self.value_head_state = live
+        self.value_head.load_plain_state(self.value_head_state)

@@ -1,0 +1,187 @@
+"""LLMReinforce: REINFORCE on whole completions with Return Batch Normalisation (ReBN).
+
+One learning step (``LLMReinforce.learn``), top to bottom:
+
+1. each completion's return (the sum of its rewards) is standardised across the *whole batch*
+   (``advantages.return_batch_normalisation``), not per prompt group, and placed on its action tokens;
+2. behaviour ("old") log-probs when the batch is visited more than once, reference log-probs when ``beta > 0``;
+3. for each epoch, for each mini-batch of ``batch_size`` rows, for each micro-batch: log-probs with grad ->
+   policy loss -> backward; then one clipped optimizer step.
+
+The policy loss is ``losses.grpo_policy_loss`` with the token-level clipped surrogate: with one pass over
+the batch the ratio is exactly 1, so its gradient is REINFORCE's ``-A grad log pi``; with ``update_epochs > 1``
+(or several mini-batches) the ratio to the behaviour policy is clipped PPO-style to ``clip_coef``
+(``clip_coef=None`` keeps the importance weight unclipped). The optional KL penalty is ``beta * k3`` of
+KL(pi || pi_ref), the one estimator of the package. The loss is the token mean over the optimizer batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agilerl_llm.advantages import broadcast_to_tokens, return_batch_normalisation
+from agilerl_llm.algorithms.base import LLMAlgorithm
+from agilerl_llm.algorithms.experience import Experience, micro_batches
+from agilerl_llm.losses import grpo_policy_loss, resolve_clip_bounds
+from agilerl_llm.rollout.base import SamplingSettings
+
+
+class ReinforceSettings(BaseModel):
+    """The REINFORCE-specific hyperparameters, validated once at construction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group_size: int = Field(default=1, ge=1, description="Completions sampled per prompt.")
+    beta: float = Field(default=0.0, ge=0.0, description="Weight of the k3 KL penalty; 0 disables it.")
+    update_epochs: int = Field(default=1, ge=1, description="Passes over each batch; > 1 enables ratio clipping.")
+    clip_coef: float | tuple[float, float] | None = Field(default=0.2, description="Ratio clip; None disables it.")
+    rebn_eps: float = Field(default=1e-6, ge=0.0, description="Added to the batch standard deviation in ReBN.")
+
+    @model_validator(mode="after")
+    def _check_clip_coef(self) -> ReinforceSettings:
+        if self.clip_coef is not None:
+            resolve_clip_bounds(self.clip_coef)  # raises ValueError naming clip_coef
+        return self
+
+
+class LLMReinforce(LLMAlgorithm):
+    """REINFORCE with return batch normalisation on a LoRA actor.
+
+    Takes every argument of ``LLMAlgorithm``, the hyperparameters of ``ReinforceSettings`` and the sampling
+    settings of ``SamplingSettings`` (temperature, top_p, top_k, min_p, repetition_penalty, max_output_tokens,
+    min_output_tokens, max_model_len).
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_token: str,
+        *,
+        group_size: int = 1,
+        beta: float = 0.0,
+        update_epochs: int = 1,
+        clip_coef: float | tuple[float, float] | None = 0.2,
+        rebn_eps: float = 1e-6,
+        temperature: float = 0.9,
+        repetition_penalty: float = 1.0,
+        top_p: float = 0.95,
+        top_k: int | None = 50,
+        min_p: float = 0.0,
+        max_output_tokens: int | None = None,
+        min_output_tokens: int = 0,
+        max_model_len: int = 1024,
+        hf_generate_chunk_size: int | None = None,
+        use_liger_loss: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        settings = ReinforceSettings(
+            group_size=group_size, beta=beta, update_epochs=update_epochs, clip_coef=clip_coef, rebn_eps=rebn_eps
+        )
+        sampling = SamplingSettings(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            max_output_tokens=max_output_tokens,
+            min_output_tokens=min_output_tokens,
+            max_model_len=max_model_len,
+        )
+        if use_liger_loss:
+            warnings.warn(
+                "use_liger_loss=True: the Liger path is not available yet; using the fused path.", UserWarning, 2
+            )
+        self.__dict__.update(settings.model_dump() | sampling.model_dump())
+        self.hf_generate_chunk_size = hf_generate_chunk_size
+        self.use_liger_loss = use_liger_loss
+        super().__init__(pad_token_id, pad_token, **base_kwargs)
+
+    @property
+    def clip_bounds(self) -> tuple[float, float]:
+        """(ratio_low, ratio_high); unbounded when ``clip_coef`` is None."""
+        return (0.0, float("inf")) if self.clip_coef is None else resolve_clip_bounds(self.clip_coef)
+
+    def compute_advantages(self, batch: Experience) -> torch.Tensor:
+        """(N, T) token advantages: the batch-normalised return of each row on its action tokens."""
+        returns = batch.rewards.sum(dim=1) if batch.rewards.dim() == 2 else batch.rewards
+        return broadcast_to_tokens(return_batch_normalisation(returns, self.rebn_eps), batch.action_mask)
+
+    def learn(self, experiences: Any) -> dict[str, float]:
+        """One REINFORCE update from ``(completion_ids, action_masks, rewards[, attention_mask])`` or an ``Experience``.
+
+        Returns:
+            ``mean_loss`` and ``mean_kl`` (averaged over optimizer steps), ``clip_fraction``, ``ratio_mean``,
+            ``entropy``, ``grad_norm`` and ``lr``.
+        """
+        batch = Experience.from_input(experiences, self.pad_token_id, self.device)
+        batch = batch.with_fields(advantages=self.compute_advantages(batch))
+        single_pass = self.update_epochs == 1 and batch.num_rows <= self.batch_size
+        batch = batch.with_fields(
+            old_logprobs=None if single_pass else self._no_grad_logprobs(batch, "actor"),
+            ref_logprobs=self._no_grad_logprobs(batch, "reference") if self.beta > 0 else None,
+        )
+        self.set_training_mode(True)
+        totals: dict[str, float] = {}
+        steps = 0
+        for _ in range(self.update_epochs):
+            order = torch.randperm(batch.num_rows)
+            for start in range(0, batch.num_rows, self.batch_size):
+                for key, value in self._optimise_mini_batch(
+                    batch.select(order[start : start + self.batch_size])
+                ).items():
+                    totals[key] = totals.get(key, 0.0) + value
+                steps += 1
+        metrics = {key: value / steps for key, value in totals.items()}
+        metrics |= {
+            "mean_loss": metrics.pop("loss"),
+            "mean_kl": metrics.pop("kl"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        return metrics
+
+    def _no_grad_logprobs(self, batch: Experience, policy: str) -> torch.Tensor:
+        self.set_training_mode(False)
+        return self.get_logprobs(
+            batch.completion_ids, batch.attention_mask, policy=policy, temperature=self.temperature
+        )
+
+    def _optimise_mini_batch(self, mini_batch: Experience) -> dict[str, float]:
+        """Accumulate gradients over micro-batches of one mini-batch, then take one optimizer step."""
+        num_tokens = mini_batch.action_mask.sum().float()
+        if self.accelerator is not None:
+            num_tokens = self.accelerator.reduce(num_tokens, reduction="sum")
+        normalizer = num_tokens.clamp(min=1.0)
+        ratio_low, ratio_high = self.clip_bounds
+        sums = dict.fromkeys(("loss", "kl", "clip_fraction", "ratio_mean", "entropy"), 0.0)
+        for micro in micro_batches(mini_batch, self.micro_batch_size_per_gpu):
+            logprobs, entropy = self.get_logprobs(
+                micro.completion_ids,
+                micro.attention_mask,
+                temperature=self.temperature,
+                requires_grad=True,
+                return_entropy=True,
+            )
+            output = grpo_policy_loss(
+                logprobs,
+                logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs,
+                micro.ref_logprobs,
+                micro.advantages,
+                micro.action_mask,
+                loss_type="grpo",
+                ratio_low=ratio_low,
+                ratio_high=ratio_high,
+                beta=self.beta,
+                num_tokens_normalizer=normalizer,
+            )
+            self._backward(output.loss)
+            sums["loss"] += float(output.loss.detach())
+            sums["kl"] += float(output.kl)
+            sums["clip_fraction"] += float(output.clip_fraction)
+            sums["ratio_mean"] += float(output.ratio_mean)
+            sums["entropy"] += float((entropy.detach() * micro.action_mask).sum() / normalizer)
+        sums["grad_norm"] = self._optimizer_step()
+        return sums
