@@ -22,7 +22,6 @@ The objective is picked by ``loss_type``: "grpo" (DeepSeekMath, token-level clip
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any, Literal
 
@@ -31,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agilerl_llm.advantages import compute_grpo_token_advantages, nonzero_advantage_rows, resolve_advantage_granularity
 from agilerl_llm.algorithms.base import LLMAlgorithm
-from agilerl_llm.algorithms.experience import Experience, micro_batches
-from agilerl_llm.losses import grpo_policy_loss, resolve_clip_bounds, resolve_importance_sampling_level
+from agilerl_llm.algorithms.experience import Experience
+from agilerl_llm.algorithms.updates import policy_gradient_step, run_update_epochs, with_behaviour_logprobs
+from agilerl_llm.losses import resolve_clip_bounds, resolve_importance_sampling_level
 from agilerl_llm.rollout.base import SamplingSettings
 
 # Constructor arguments of features that arrive in later releases (GPU-only paths). Passing a
@@ -241,82 +241,29 @@ class GRPO(LLMAlgorithm):
             batch = batch.select(nonzero_advantage_rows(advantages, batch.action_mask, self.adv_filter_eps))
         if batch.num_rows == 0:
             return {"mean_loss": 0.0, "mean_kl": 0.0, "rows_kept": 0.0}
-        single_pass = self.update_epochs == 1 and batch.num_rows <= self.batch_size
-        batch = batch.with_fields(
-            old_logprobs=None if single_pass else self._no_grad_logprobs(batch, "actor"),
-            ref_logprobs=self._no_grad_logprobs(batch, "reference") if self.beta > 0 else None,
-        )
+        batch = with_behaviour_logprobs(self, batch, self.beta)
         self.set_training_mode(True)
-        totals: dict[str, float] = {}
-        for _ in range(self.update_epochs):
-            order = torch.randperm(batch.num_rows)
-            for start in range(0, batch.num_rows, self.batch_size):
-                step_metrics = self._optimise_mini_batch(batch.select(order[start : start + self.batch_size]))
-                for key, value in step_metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value
-        steps = totals.pop("steps")
-        metrics = {key: value / steps for key, value in totals.items()}
-        metrics |= {
+        metrics = run_update_epochs(
+            batch,
+            batch_size=self.batch_size,
+            update_epochs=self.update_epochs,
+            optimise_mini_batch=lambda mini_batch: policy_gradient_step(
+                self,
+                mini_batch,
+                loss_type=self.loss_type,
+                ratio_bounds=self.clip_bounds,
+                beta=self.beta,
+                importance_sampling_level=self.importance_sampling_level,
+                use_kl_advantage_shaping=self.use_kl_advantage_shaping,
+                activation_offload=self.activation_offload,
+            ),
+        )
+        return metrics | {
             "mean_loss": metrics.pop("loss"),
             "mean_kl": metrics.pop("kl"),
             "rows_kept": float(batch.num_rows),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
-        return metrics
-
-    def _no_grad_logprobs(self, batch: Experience, policy: str) -> torch.Tensor:
-        self.set_training_mode(False)
-        return self.get_logprobs(
-            batch.completion_ids, batch.attention_mask, policy=policy, temperature=self.temperature
-        )
-
-    def _optimise_mini_batch(self, mini_batch: Experience) -> dict[str, float]:
-        """Accumulate gradients over micro-batches of one mini-batch, then take one optimizer step."""
-        num_tokens = mini_batch.action_mask.sum().float()
-        if self.accelerator is not None:
-            num_tokens = self.accelerator.reduce(num_tokens, reduction="sum")
-        normalizer = num_tokens.clamp(min=1.0)
-        sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "entropy": 0.0}
-        ratio_low, ratio_high = self.clip_bounds
-        for micro in micro_batches(mini_batch, self.micro_batch_size_per_gpu):
-            with self._activation_offload():
-                logprobs, entropy = self.get_logprobs(
-                    micro.completion_ids,
-                    micro.attention_mask,
-                    temperature=self.temperature,
-                    requires_grad=True,
-                    return_entropy=True,
-                )
-                output = grpo_policy_loss(
-                    logprobs,
-                    logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs,
-                    micro.ref_logprobs,
-                    micro.advantages,
-                    micro.action_mask,
-                    loss_type=self.loss_type,
-                    ratio_low=ratio_low,
-                    ratio_high=ratio_high,
-                    beta=self.beta,
-                    num_tokens_normalizer=normalizer,
-                    importance_sampling_level=self.importance_sampling_level,
-                    turn_ids=micro.turn_ids,
-                    use_kl_advantage_shaping=self.use_kl_advantage_shaping,
-                )
-                self._backward(output.loss)
-            sums["loss"] += float(output.loss.detach())
-            sums["kl"] += float(output.kl)
-            sums["clip_fraction"] += float(output.clip_fraction)
-            sums["ratio_mean"] += float(output.ratio_mean)
-            sums["entropy"] += float((entropy * micro.action_mask).sum() / normalizer)
-        sums["grad_norm"] = self._optimizer_step()
-        sums["steps"] = 1.0
-        return sums
-
-    def _activation_offload(self) -> contextlib.AbstractContextManager:
-        """Keep tensors saved for backward in host memory (``activation_offload``); a no-op otherwise."""
-        if self.activation_offload:
-            return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
-        return contextlib.nullcontext()
 
 
 class GSPO(GRPO):

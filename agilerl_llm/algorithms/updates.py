@@ -1,0 +1,128 @@
+"""Update machinery shared by the policy-gradient algorithms (GRPO family, REINFORCE, PPO).
+
+One ``learn()`` call runs ``update_epochs`` passes over the experience; each pass shuffles the rows and
+cuts them into mini-batches of ``batch_size`` rows; each mini-batch is one optimizer step over gradients
+accumulated across micro-batches of ``micro_batch_size_per_gpu`` rows. Losses are normalised by the
+action tokens of the whole mini-batch (summed over ranks), so accumulation changes nothing numerically.
+
+The algorithms keep what differs (advantages, the objective's options, extra losses); the loops here
+are written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from agilerl_llm.algorithms.experience import Experience, micro_batches
+from agilerl_llm.losses import grpo_policy_loss
+
+if TYPE_CHECKING:
+    from agilerl_llm.algorithms.base import LLMAlgorithm
+
+
+def run_update_epochs(
+    batch: Experience,
+    *,
+    batch_size: int,
+    update_epochs: int,
+    optimise_mini_batch: Callable[[Experience], dict[str, float]],
+) -> dict[str, float]:
+    """Shuffled mini-batches for ``update_epochs`` passes; returns each metric averaged over optimizer steps."""
+    totals: dict[str, float] = {}
+    steps = 0
+    for _ in range(update_epochs):
+        order = torch.randperm(batch.num_rows)
+        for start in range(0, batch.num_rows, batch_size):
+            for key, value in optimise_mini_batch(batch.select(order[start : start + batch_size])).items():
+                totals[key] = totals.get(key, 0.0) + value
+            steps += 1
+    return {key: value / steps for key, value in totals.items()}
+
+
+def token_normaliser(agent: LLMAlgorithm, mini_batch: Experience) -> torch.Tensor:
+    """Action tokens in the mini-batch, summed over ranks (at least 1): the loss denominator."""
+    num_tokens = mini_batch.action_mask.sum().float()
+    if agent.accelerator is not None:
+        num_tokens = agent.accelerator.reduce(num_tokens, reduction="sum")
+    return num_tokens.clamp(min=1.0)
+
+
+def no_grad_logprobs(agent: LLMAlgorithm, batch: Experience, policy: str) -> torch.Tensor:
+    """(N, T) log-probs of ``batch`` under ``policy`` ("actor" or "reference") at the sampling temperature."""
+    agent.set_training_mode(False)
+    return agent.get_logprobs(batch.completion_ids, batch.attention_mask, policy=policy, temperature=agent.temperature)
+
+
+def with_behaviour_logprobs(agent: LLMAlgorithm, batch: Experience, beta: float) -> Experience:
+    """Add ``old_logprobs`` (skipped when one on-policy step covers the batch) and ``ref_logprobs`` (when beta > 0).
+
+    With one epoch and one mini-batch the behaviour policy is the current one, so the ratio is exactly 1 and
+    the surrogate uses ``logprobs.detach()`` instead of a second forward pass.
+    """
+    single_pass = agent.update_epochs == 1 and batch.num_rows <= agent.batch_size
+    return batch.with_fields(
+        old_logprobs=None if single_pass else no_grad_logprobs(agent, batch, "actor"),
+        ref_logprobs=no_grad_logprobs(agent, batch, "reference") if beta > 0 else None,
+    )
+
+
+def policy_gradient_step(
+    agent: LLMAlgorithm,
+    mini_batch: Experience,
+    *,
+    loss_type: str,
+    ratio_bounds: tuple[float, float],
+    beta: float,
+    importance_sampling_level: str = "token",
+    use_kl_advantage_shaping: bool = False,
+    activation_offload: bool = False,
+) -> dict[str, float]:
+    """One optimizer step of ``grpo_policy_loss`` over the micro-batches of ``mini_batch``.
+
+    Returns summed ``loss``, ``kl``, ``clip_fraction``, ``ratio_mean``, ``entropy`` (each already a per-step
+    value, since every micro-batch is normalised by the mini-batch's token count) and ``grad_norm``.
+    """
+    normaliser = token_normaliser(agent, mini_batch)
+    ratio_low, ratio_high = ratio_bounds
+    offload = (
+        torch.autograd.graph.save_on_cpu(pin_memory=agent.device.type == "cuda")
+        if activation_offload
+        else contextlib.nullcontext()
+    )
+    sums = dict.fromkeys(("loss", "kl", "clip_fraction", "ratio_mean", "entropy"), 0.0)
+    for micro in micro_batches(mini_batch, agent.micro_batch_size_per_gpu):
+        with offload:
+            logprobs, entropy = agent.get_logprobs(
+                micro.completion_ids,
+                micro.attention_mask,
+                temperature=agent.temperature,
+                requires_grad=True,
+                return_entropy=True,
+            )
+            output = grpo_policy_loss(
+                logprobs,
+                logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs,
+                micro.ref_logprobs,
+                micro.advantages,
+                micro.action_mask,
+                loss_type=loss_type,
+                ratio_low=ratio_low,
+                ratio_high=ratio_high,
+                beta=beta,
+                num_tokens_normalizer=normaliser,
+                importance_sampling_level=importance_sampling_level,
+                turn_ids=micro.turn_ids,
+                use_kl_advantage_shaping=use_kl_advantage_shaping,
+            )
+            agent._backward(output.loss)
+        sums["loss"] += float(output.loss.detach())
+        sums["kl"] += float(output.kl)
+        sums["clip_fraction"] += float(output.clip_fraction)
+        sums["ratio_mean"] += float(output.ratio_mean)
+        sums["entropy"] += float((entropy.detach() * micro.action_mask).sum() / normaliser)
+    sums["grad_norm"] = agent._optimizer_step()
+    return sums
