@@ -23,3 +23,15 @@ def test_grpo_custom_reward_example_learns_and_saves(tmp_path):
     before, after = (float(part.split()[-1]) for part in line.split(":")[1].split(","))
     assert after > before + 0.3, line
     assert (tmp_path / "actor" / "adapter_model.safetensors").is_file()
+
+
+def test_readme_python_snippet_runs(tmp_path):
+    """The README's Python example, with its step count cut to 2 and its model folder in tmp_path."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"/tmp/tiny"' in snippet and "max_steps=50" in snippet and "evaluation_interval=25" in snippet
+    snippet = snippet.replace('"/tmp/tiny"', repr(str(tmp_path / "tiny")))
+    snippet = snippet.replace("max_steps=50", "max_steps=2").replace("evaluation_interval=25", "evaluation_interval=2")
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert [row["step"] for row in namespace["history"] if "eval/reward" in row] == [0.0, 2.0]
