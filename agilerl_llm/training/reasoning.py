@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agilerl_llm.algorithms.base import LLMAlgorithm
+from agilerl_llm.checkpoint.run import CheckpointConfig, CheckpointManager
 from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.training.logging import MetricsLogger
 
@@ -28,6 +29,7 @@ def finetune_llm_reasoning(
     evaluate_at_start: bool = True,
     logger: MetricsLogger | None = None,
     progress: bool = True,
+    checkpoint: CheckpointConfig | None = None,
 ) -> tuple[list[LLMAlgorithm], list[dict[str, float]]]:
     """Train a population of LLM agents on a reasoning environment.
 
@@ -39,10 +41,15 @@ def finetune_llm_reasoning(
         evaluate_at_start: evaluate before the first step too (the "before" reward).
         logger: where metrics go; by default stdout only, one line per step.
         progress: show a progress bar.
+        checkpoint: save run checkpoints (every member, the data position, RNG states) every
+            ``checkpoint.interval`` steps and on the last step, and resume as ``checkpoint.resume`` says.
+            A resumed run continues at the saved global step up to ``max_steps`` (the total), serves exactly
+            the next prompt batch, and skips ``evaluate_at_start``. None (default) saves nothing.
 
     Returns:
         The trained population and the metrics history: one dict per (step, agent) with ``step``,
-        ``agent``, the training metrics and, on evaluation steps, ``eval/reward``.
+        ``agent``, the training metrics and, on evaluation steps, ``eval/reward``. A resumed run's history
+        holds the steps it ran itself.
     """
     if not pop:
         raise ValueError("pop is empty; pass a list with at least one agent.")
@@ -52,19 +59,28 @@ def finetune_llm_reasoning(
         raise ValueError(f"evaluation_interval must be >= 1, got {evaluation_interval}.")
     logger = logger or MetricsLogger()
     history: list[dict[str, float]] = []
-    if evaluate_at_start:
+    manager = CheckpointManager(checkpoint, dist_agent=pop[0]) if checkpoint is not None else None
+    resumed = manager.restore(pop, env) if manager is not None else None
+    start, samples_seen = (resumed.global_step, resumed.samples_seen) if resumed is not None else (0, 0)
+    if resumed is None and evaluate_at_start:
         for agent in pop:
             row = {"step": 0.0, "agent": float(agent.index), "eval/reward": float(agent.test(env).mean())}
             history.append(row)
             logger.log(0, {key: value for key, value in row.items() if key != "step"})
-    prompts = env.reset(reset_dataloaders=True)
-    for step in tqdm(range(1, max_steps + 1), desc="training", disable=not progress, dynamic_ncols=True):
+    # A resumed env already stands after the last batch it served: continue with the next one.
+    prompts = env.advance() if resumed is not None else env.reset(reset_dataloaders=True)
+    steps = range(start + 1, max_steps + 1)
+    for step in tqdm(steps, desc="training", disable=not progress, dynamic_ncols=True):
         for agent in pop:
             row = {"step": float(step), "agent": float(agent.index)} | _train_step(agent, env, prompts)
             if step % evaluation_interval == 0 or step == max_steps:
                 row["eval/reward"] = float(agent.test(env).mean())
             history.append(row)
             logger.log(step, {key: value for key, value in row.items() if key != "step"})
+        samples_seen += len(prompts)
+        if manager is not None and manager.should_save(step, max_steps):
+            run_id = getattr(logger, "wandb_run_id", None)
+            manager.save(step, pop, env, samples_seen=samples_seen, wandb_run_id=run_id)
         prompts = env.advance()
     logger.close()
     return pop, history

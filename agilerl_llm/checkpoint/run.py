@@ -1,0 +1,432 @@
+"""Run checkpoints: periodic step folders for a whole population, a "latest" pointer, retention and resume.
+
+Layout under ``CheckpointConfig.path``::
+
+    latest_ckpt_global_step.txt          the newest complete step, written last and atomically
+    global_step_<N>/
+        agent_<i>/                       population member i, the agent grid (lora_only=True, save_optimizer=True)
+        rng_state.safetensors            torch CPU (and CUDA) generator states of the main process
+        rng_state_rank<r>.safetensors    the same for every other process, when there are several
+        trainer_state.json               step, samples seen, env data position, W&B run id, python/numpy RNG
+                                         states (plain JSON; nothing is pickled). Written last inside the folder.
+
+A step folder is written as the hidden sibling ``.global_step_<N>.incomplete`` and renamed once everything in it
+is on disk, so a folder named ``global_step_<N>`` that holds ``trainer_state.json`` is complete. Only after the
+rename is the pointer replaced (temp file + ``os.replace``), and only then does retention delete older complete
+folders. A crash at any moment therefore leaves either the previous checkpoint or the new one as the newest
+complete one, never a half-written folder that a resume would pick. Leftover temporary entries are removed when
+a manager starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+
+from agilerl_llm.checkpoint.agent import _Distribution
+from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
+from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
+
+if TYPE_CHECKING:
+    from agilerl_llm.algorithms.base import LLMAlgorithm
+
+POINTER_FILE = "latest_ckpt_global_step.txt"
+TRAINER_STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng_state.safetensors"
+STEP_PREFIX = "global_step_"
+RUN_FORMAT_VERSION = 1
+_STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
+_TEMP_RE = re.compile(rf"^\.({STEP_PREFIX}\d+\.(incomplete|replaced)|{re.escape(POINTER_FILE)}\.tmp)$")
+
+
+class CheckpointConfig(BaseModel):
+    """Where and how often a training run checkpoints, how many to keep, and how it resumes.
+
+    Attributes:
+        path: a local folder holding the step folders.
+        interval: save every this many global steps; the last step of a run is always saved.
+        keep: keep only the newest ``keep`` complete step folders (None keeps all).
+        resume: "latest" (default) continues from the newest complete checkpoint under ``path`` and starts fresh
+            when there is none; "none" always starts fresh and refuses a non-empty ``path`` unless ``overwrite``;
+            "from_path" resumes from the step folder ``resume_path`` (which must be complete).
+        resume_path: the ``global_step_<N>`` folder to resume from (only with resume="from_path").
+        resume_step: resume from ``<path>/global_step_<resume_step>`` instead of the newest (with resume="latest").
+        overwrite: with resume="none", delete the checkpoints already under ``path`` instead of refusing.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    interval: int = Field(10, ge=1)
+    keep: int | None = Field(None, ge=1)
+    resume: Literal["none", "latest", "from_path"] = "latest"
+    resume_path: Path | None = None
+    resume_step: int | None = Field(None, ge=0)
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _check_resume(self) -> CheckpointConfig:
+        if self.resume == "from_path" and self.resume_path is None:
+            raise ValueError("resume_path: resume='from_path' needs resume_path (a global_step_<N> folder).")
+        if self.resume != "from_path" and self.resume_path is not None:
+            raise ValueError(f"resume_path is only used with resume='from_path' (resume={self.resume!r}).")
+        if self.resume_step is not None and self.resume != "latest":
+            raise ValueError(f"resume_step picks a step under path; it needs resume='latest' (resume={self.resume!r}).")
+        if self.overwrite and self.resume != "none":
+            raise ValueError("overwrite only applies to resume='none' (a fresh run over existing checkpoints).")
+        return self
+
+
+class ResumeState(BaseModel):
+    """What a resumed loop needs to continue: where it was and which W&B run it logged to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    global_step: int
+    samples_seen: int
+    wandb_run_id: str | None = None
+    path: Path
+
+
+class CheckpointManager:
+    """Writes and finds run checkpoints (see the module docstring for the layout and the crash-safety rules).
+
+    Every process calls every method; only the main process (of the first agent's accelerator) touches shared
+    files, and all processes wait for it where it matters.
+    """
+
+    def __init__(self, config: CheckpointConfig, dist_agent: LLMAlgorithm | None = None) -> None:
+        self.config = config
+        self.path = Path(config.path)
+        self._dist = _Distribution(dist_agent) if dist_agent is not None else None
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"checkpoint path {self.path} exists and is not a folder.")
+        if self._is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.clean_temporaries()
+        self._wait()
+
+    # ------------------------------------------------------------------------------------------- distribution
+    @property
+    def _is_main(self) -> bool:
+        return self._dist is None or self._dist.is_main
+
+    @property
+    def _rank(self) -> int:
+        accelerator = None if self._dist is None else self._dist.accelerator
+        return 0 if accelerator is None else int(accelerator.process_index)
+
+    def _wait(self) -> None:
+        if self._dist is not None:
+            self._dist.wait()
+
+    # ------------------------------------------------------------------------------------------- finding
+    def step_dir(self, step: int) -> Path:
+        return self.path / f"{STEP_PREFIX}{step}"
+
+    def clean_temporaries(self) -> list[Path]:
+        """Delete half-written step folders and pointer temp files left by a crash; returns what was removed."""
+        removed = []
+        for entry in self.path.iterdir() if self.path.is_dir() else []:
+            if _TEMP_RE.match(entry.name):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed.append(entry)
+        return removed
+
+    @staticmethod
+    def is_complete(folder: str | os.PathLike) -> bool:
+        """A step folder is complete when it has its final name and its trainer state (written last)."""
+        folder = Path(folder)
+        return _STEP_RE.match(folder.name) is not None and (folder / TRAINER_STATE_FILE).is_file()
+
+    def complete_steps(self) -> list[int]:
+        """The steps of every complete step folder under ``path``, ascending."""
+        if not self.path.is_dir():
+            return []
+        steps = []
+        for entry in self.path.iterdir():
+            match = _STEP_RE.match(entry.name)
+            if match and self.is_complete(entry):
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        """The newest complete step: the pointer's, or the highest complete folder when the pointer is missing,
+        unreadable, or names a folder that is missing or incomplete. None when there is no complete checkpoint."""
+        pointer = self.path / POINTER_FILE
+        try:
+            step = int(pointer.read_text().strip())
+        except (OSError, ValueError):
+            step = None
+        if step is not None and self.is_complete(self.step_dir(step)):
+            return step
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def resume_dir(self) -> Path | None:
+        """The step folder this run resumes from under its config, or None to start fresh.
+
+        Raises:
+            FileExistsError: resume="none" on a path that already holds entries, without overwrite.
+            FileNotFoundError: resume_path / resume_step names a folder that is missing or incomplete.
+        """
+        config = self.config
+        if config.resume == "none":
+            entries = sorted(entry.name for entry in self.path.iterdir()) if self.path.is_dir() else []
+            if entries and not config.overwrite:
+                raise FileExistsError(
+                    f"checkpoint path {self.path} is not empty ({', '.join(entries[:5])}...) and resume='none'; "
+                    "resume with resume='latest', choose another path, or set overwrite=True to delete its "
+                    "checkpoints."
+                )
+            return None
+        if config.resume == "from_path":
+            return self._require_complete(Path(config.resume_path), "resume_path")
+        if config.resume_step is not None:
+            return self._require_complete(self.step_dir(config.resume_step), "resume_step")
+        step = self.latest_step()
+        return None if step is None else self.step_dir(step)
+
+    def _require_complete(self, folder: Path, field: str) -> Path:
+        if not folder.is_dir():
+            available = self.complete_steps()
+            raise FileNotFoundError(
+                f"{field}: checkpoint folder {folder} does not exist (complete steps under {self.path}: {available})."
+            )
+        if not self.is_complete(folder):
+            raise FileNotFoundError(
+                f"{field}: {folder} is not a complete run checkpoint (a global_step_<N> folder with "
+                f"{TRAINER_STATE_FILE}); it may be a save that was interrupted."
+            )
+        return folder
+
+    def prepare_fresh(self) -> None:
+        """For resume='none' with overwrite: delete this manager's checkpoints (other files are left alone)."""
+        if self._is_main and self.config.overwrite:
+            for entry in self.path.iterdir():
+                if _STEP_RE.match(entry.name) and entry.is_dir():
+                    shutil.rmtree(entry)
+                elif entry.name == POINTER_FILE:
+                    entry.unlink()
+        self._wait()
+
+    # ------------------------------------------------------------------------------------------- saving
+    def should_save(self, step: int, max_steps: int) -> bool:
+        return step % self.config.interval == 0 or step == max_steps
+
+    def save(
+        self,
+        step: int,
+        pop: list[LLMAlgorithm],
+        env: Any,
+        *,
+        samples_seen: int = 0,
+        wandb_run_id: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write ``global_step_<step>`` for the whole population, then the pointer, then apply retention.
+
+        ``env`` must provide ``state_dict()`` (plain JSON data); it is saved as the data position to continue from.
+        """
+        final = self.step_dir(step)
+        staging = self.path / f".{final.name}.incomplete"
+        if self._is_main:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        self._wait()
+        for i, agent in enumerate(pop):
+            save_agent_checkpoint(agent, staging / f"agent_{i}", lora_only=True, save_optimizer=True)
+        rng_tensors, rng_json = _capture_rng()
+        rng_file = RNG_FILE if self._rank == 0 else f"rng_state_rank{self._rank}.safetensors"
+        save_file(rng_tensors, str(staging / rng_file))
+        self._wait()
+        if self._is_main:
+            state = {
+                "format_version": RUN_FORMAT_VERSION,
+                "global_step": step,
+                "samples_seen": int(samples_seen),
+                "num_agents": len(pop),
+                "agent_indices": [int(getattr(agent, "index", i)) for i, agent in enumerate(pop)],
+                "algorithm": [type(agent).__name__ for agent in pop],
+                "env_state": env.state_dict() if env is not None else None,
+                "wandb_run_id": wandb_run_id,
+                "rng": rng_json,
+                "extra": extra or {},
+            }
+            _write_json_durably(staging / TRAINER_STATE_FILE, state)
+            _fsync_dir(staging)
+            if final.exists():  # a re-run from an earlier step replaces the stale folder only once the new one is done
+                replaced = self.path / f".{final.name}.replaced"
+                if replaced.exists():
+                    shutil.rmtree(replaced)
+                os.rename(final, replaced)
+                os.rename(staging, final)
+                shutil.rmtree(replaced)
+            else:
+                os.rename(staging, final)
+            _fsync_dir(self.path)
+            self._write_pointer(step)
+            self._retain(step)
+        self._wait()
+        return final
+
+    def _write_pointer(self, step: int) -> None:
+        pointer = self.path / POINTER_FILE
+        temp = self.path / f".{POINTER_FILE}.tmp"
+        with open(temp, "w") as handle:
+            handle.write(f"{step}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, pointer)
+        _fsync_dir(self.path)
+
+    def _retain(self, newest: int) -> None:
+        """Keep the newest ``keep`` complete folders (the one just written always among them); delete older ones."""
+        keep = self.config.keep
+        if keep is None:
+            return
+        steps = [step for step in self.complete_steps() if step <= newest]
+        kept = set(steps[-keep:]) | {newest}
+        for step in steps:
+            if step not in kept:
+                shutil.rmtree(self.step_dir(step))
+
+    # ------------------------------------------------------------------------------------------- loading
+    def load(self, folder: str | os.PathLike, pop: list[LLMAlgorithm], env: Any | None = None) -> ResumeState:
+        """Restore the population, the env's data position and the RNG states from a complete step folder.
+
+        Adapters (actor, reference, critic), optimizer and LR schedule come back exactly as saved: the saved
+        reference is restored rather than replaced by the actor, so the KL anchor does not move.
+        """
+        folder = self._require_complete(Path(folder), "checkpoint")
+        state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+        if state.get("format_version") != RUN_FORMAT_VERSION:
+            raise ValueError(
+                f"{folder / TRAINER_STATE_FILE} has format_version {state.get('format_version')!r}; "
+                f"this version reads {RUN_FORMAT_VERSION}."
+            )
+        if state["num_agents"] != len(pop):
+            raise ValueError(
+                f"{folder} holds {state['num_agents']} agents but the population has {len(pop)}; build the same "
+                "population size to resume."
+            )
+        for i in range(len(pop)):
+            if not (folder / f"agent_{i}").is_dir():
+                raise FileNotFoundError(f"{folder / f'agent_{i}'} is missing from a checkpoint marked complete.")
+        for i, agent in enumerate(pop):
+            load_agent_checkpoint(
+                agent,
+                folder / f"agent_{i}",
+                load_optimizer=True,
+                overwrite_reference_adapter=True,
+                overwrite_critic_adapter=True,
+            )
+        if env is not None and state.get("env_state") is not None:
+            env.load_state_dict(state["env_state"])
+        rng_file = folder / (RNG_FILE if self._rank == 0 else f"rng_state_rank{self._rank}.safetensors")
+        if not rng_file.is_file():
+            rng_file = folder / RNG_FILE  # resumed with more processes than saved: fall back to the main's
+        _restore_rng(load_file(str(rng_file)), state["rng"])
+        return ResumeState(
+            global_step=int(state["global_step"]),
+            samples_seen=int(state["samples_seen"]),
+            wandb_run_id=state.get("wandb_run_id"),
+            path=folder,
+        )
+
+    def resume_info(self) -> ResumeState | None:
+        """Where a resume would continue (step, samples, W&B run id) without loading anything; None when fresh.
+
+        Read it before building the logger to continue the same W&B run:
+        ``wandb_kwargs={"id": info.wandb_run_id, "resume": "allow"}``.
+        """
+        folder = None if self.config.resume == "none" else self.resume_dir()
+        if folder is None:
+            return None
+        state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+        return ResumeState(
+            global_step=int(state["global_step"]),
+            samples_seen=int(state["samples_seen"]),
+            wandb_run_id=state.get("wandb_run_id"),
+            path=folder,
+        )
+
+    def restore(self, pop: list[LLMAlgorithm], env: Any | None = None) -> ResumeState | None:
+        """Apply the config's resume mode: load the chosen checkpoint, or prepare a fresh start (None)."""
+        folder = self.resume_dir()
+        if folder is None:
+            if self.config.resume == "none":
+                self.prepare_fresh()
+            return None
+        return self.load(folder, pop, env)
+
+
+# ---------------------------------------------------------------------------------------------- RNG and files
+def _capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{device}"] = cuda_state
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    plain = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "kind": kind,
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+    }
+    return tensors, plain
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    python = plain["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+    numpy_state = plain["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            np.asarray(numpy_state["keys"], dtype=np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[f"torch_cuda_{d}"] for d in range(len(tensors)) if f"torch_cuda_{d}" in tensors]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+def _write_json_durably(file: Path, data: dict[str, Any]) -> None:
+    with open(file, "w") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

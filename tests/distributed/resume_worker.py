@@ -1,0 +1,96 @@
+"""A tiny GRPO run in its own process, for the crash / resume test of run checkpoints.
+
+Usage: resume_worker.py MODE MODEL_DIR CKPT_DIR OUT_DIR TOTAL_STEPS INTERVAL
+  full    train TOTAL_STEPS steps in one go (checkpointing every INTERVAL steps) and write the results.
+  crash   same, but at the log of step INTERVAL+1 (the step-INTERVAL checkpoint is complete by then) write
+          OUT_DIR/ready and sleep, waiting for the parent's SIGKILL.
+  resume  build everything afresh, resume from the newest checkpoint under CKPT_DIR, finish the run.
+Results: OUT_DIR/history.json (per-step metrics) and OUT_DIR/adapters.safetensors (every LoRA parameter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from agilerl_llm import GRPO  # noqa: E402
+from agilerl_llm.checkpoint import CheckpointConfig  # noqa: E402
+from agilerl_llm.envs.reasoning import ReasoningGym  # noqa: E402
+from agilerl_llm.training.logging import MetricsLogger  # noqa: E402
+from agilerl_llm.training.reasoning import finetune_llm_reasoning  # noqa: E402
+
+DATA = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(0, 70, 10) for b in range(3)]
+DETERMINISTIC = ("reward/mean", "reward/std", "loss/policy", "loss/kl", "policy/grad_norm", "completion/length")
+
+
+def reward(completion: str, answer: str, prompt: str) -> float:
+    return completion.count("1") / 5 + 0.1 * len(completion) / 20
+
+
+class StallingLogger(MetricsLogger):
+    """Blocks at ``stall_step``'s log, after announcing it, so the parent can kill the process mid-run."""
+
+    def __init__(self, stall_step: int | None, ready: Path) -> None:
+        super().__init__(print_every=0)
+        self.stall_step, self.ready = stall_step, ready
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        super().log(step, metrics)
+        if step == self.stall_step:
+            self.ready.write_text(str(step))
+            time.sleep(600)
+
+
+def main() -> None:
+    mode, model_dir, ckpt_dir, out_dir, total, interval = sys.argv[1:7]
+    total, interval, out = int(total), int(interval), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    agent = GRPO(
+        tokenizer.pad_token_id,
+        tokenizer.pad_token,
+        actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
+        group_size=3,
+        max_output_tokens=4,
+        batch_size=6,
+        beta=0.05,
+        lr=5e-2,
+        seed=7,
+        gradient_checkpointing=False,
+    )
+    env = ReasoningGym(DATA[:15], DATA[15:17], tokenizer, reward, data_batch_size_per_gpu=2, seed=3)
+    config = CheckpointConfig(path=ckpt_dir, interval=interval, resume="latest")
+    logger = StallingLogger(interval + 1 if mode == "crash" else None, out / "ready")
+    _, history = finetune_llm_reasoning(
+        [agent],
+        env,
+        max_steps=total,
+        evaluation_interval=1000,
+        evaluate_at_start=False,
+        logger=logger,
+        progress=False,
+        checkpoint=config,
+    )
+    rows = [
+        {key: row[key] for key in ("step", "agent", *DETERMINISTIC, "eval/reward") if key in row} for row in history
+    ]
+    (out / "history.json").write_text(json.dumps(rows))
+    weights = {name: p.detach().clone().contiguous() for name, p in agent.actor.named_parameters() if "lora_" in name}
+    save_file(weights, str(out / "adapters.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
