@@ -136,3 +136,10 @@ def test_warm_start_learns_the_demonstrations(tiny_model, tokenizer):
 def test_overrides_keep_the_other_algorithm_params():
     config = RunConfig.from_dict({}, ["algorithm.params.lr=5e-4"])
     assert config.algorithm.params == RunConfig().algorithm.params | {"lr": 5e-4}
+
+
+def test_checkpoint_section_is_validated(tmp_path):
+    config = RunConfig.from_dict({"checkpoint": {"path": str(tmp_path), "interval": 5, "keep": 2}})
+    assert config.checkpoint.interval == 5 and config.checkpoint.resume == "latest"
+    with pytest.raises(ConfigError, match=r"checkpoint\.keep"):
+        RunConfig.from_dict({"checkpoint": {"path": str(tmp_path), "keep": 0}})

@@ -51,3 +51,16 @@ def test_seeded_runs_are_identical(tmp_path):
     strip = [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in first.history]
     assert strip == [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in second.history]
     assert any("eval/reward" in row for row in first.history[1:])
+
+
+def test_job_saves_run_checkpoints_and_resumes(tmp_path):
+    """A checkpointed job writes step folders; the same job with more steps continues after the last one."""
+    checkpoint = [f"checkpoint={{path: {tmp_path / 'ckpt'}, interval: 2, keep: 1}}"]
+    first = run_reasoning_job(RunConfig.from_dict({}, [*SHORT_RUN, *checkpoint, f"output_dir={tmp_path / 'a'}"]))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["global_step_3", "latest_ckpt_global_step.txt"]
+    more = ["training.max_steps=4", "training.evaluation_interval=4"]
+    second = run_reasoning_job(
+        RunConfig.from_dict({}, [*SHORT_RUN, *checkpoint, *more, f"output_dir={tmp_path / 'b'}"])
+    )
+    assert [row["step"] for row in first.history if "reward/mean" in row] == [1.0, 2.0, 3.0]
+    assert [row["step"] for row in second.history if "reward/mean" in row] == [4.0]

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agilerl_llm.checkpoint.run import CheckpointConfig
 from agilerl_llm.envs.tasks import TASKS
 from agilerl_llm.testing import ARCHITECTURES, MODEL_SIZES
 
@@ -125,6 +126,8 @@ class RunConfig(_Section):
     algorithm: AlgorithmSettings = Field(default_factory=AlgorithmSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    # Run checkpoints (step folders, latest pointer, retention, resume); None saves nothing.
+    checkpoint: CheckpointConfig | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:

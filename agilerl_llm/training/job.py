@@ -155,6 +155,7 @@ def run_reasoning_job(config: RunConfig) -> JobResult:
         evaluate_at_start=config.training.evaluate_at_start,
         logger=logger,
         progress=config.logging.progress,
+        checkpoint=config.checkpoint,
     )
     return JobResult(
         reward_before=mean_eval_reward(history, 0),
