@@ -48,6 +48,8 @@ def test_seeded_runs_are_identical(tmp_path):
     """Same config, same seed: identical metrics history (warm start, sampling and learning all seeded)."""
     first = run_reasoning_job(RunConfig.from_dict({}, [*SHORT_RUN, f"output_dir={tmp_path / 'a'}"]))
     second = run_reasoning_job(RunConfig.from_dict({}, [*SHORT_RUN, f"output_dir={tmp_path / 'b'}"]))
+    written = RunConfig.from_yaml(tmp_path / "a" / "config.yaml")
+    assert written == RunConfig.from_dict({}, [*SHORT_RUN, f"output_dir={tmp_path / 'a'}"])
     strip = [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in first.history]
     assert strip == [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in second.history]
     assert any("eval/reward" in row for row in first.history[1:])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -85,6 +86,14 @@ def prepare_base_model(config: RunConfig, train: list[dict], system_prompt: str 
     return base_dir
 
 
+def write_resolved_config(config: RunConfig) -> Path:
+    """Write the run's config, defaults filled in, to ``<output_dir>/config.yaml`` (what produced this run)."""
+    path = Path(config.output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system_prompt: str | None) -> str:
     """The prompt text exactly as ``ReasoningGym`` renders it (chat template + generation prompt)."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -127,6 +136,7 @@ def run_reasoning_job(config: RunConfig) -> JobResult:
     if config.training.num_threads is not None:
         torch.set_num_threads(config.training.num_threads)
     seed_everything(config.model.seed)
+    write_resolved_config(config)
     task = get_task(config.task.name)
     train, test = task.make_dataset(config.task.num_train, config.task.num_test, config.task.seed)
     base_dir = prepare_base_model(config, train, task.system_prompt)
