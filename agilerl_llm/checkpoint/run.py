@@ -16,6 +16,11 @@ rename is the pointer replaced (temp file + ``os.replace``), and only then does 
 folders. A crash at any moment therefore leaves either the previous checkpoint or the new one as the newest
 complete one, never a half-written folder that a resume would pick. Leftover temporary entries are removed when
 a manager starts.
+
+With ``CheckpointConfig.save_async`` the calling thread only snapshots the state into host memory (adapters,
+optimizer and LR-schedule state copied to CPU, trainer state, RNG) and a background thread writes it, in the same
+order and with the same files and bytes as a synchronous save. The next save, ``wait()`` and ``close()`` wait for
+the write in flight and re-raise its error, if any.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import os
 import random
 import re
 import shutil
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,7 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from agilerl_llm.checkpoint.agent import _Distribution
+from agilerl_llm.checkpoint.agent import AgentSnapshot, _Distribution, snapshot_checkpoint, write_snapshot
 from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
 from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
 
@@ -62,6 +69,9 @@ class CheckpointConfig(BaseModel):
         resume_path: the ``global_step_<N>`` folder to resume from (only with resume="from_path").
         resume_step: resume from ``<path>/global_step_<resume_step>`` instead of the newest (with resume="latest").
         overwrite: with resume="none", delete the checkpoints already under ``path`` instead of refusing.
+        save_async: snapshot the state to host memory and write it in a background thread while training goes
+            on; the next save (and the end of the run) waits for it, and a failed write raises there. Agents with
+            a DeepSpeed engine save synchronously.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -73,6 +83,7 @@ class CheckpointConfig(BaseModel):
     resume_path: Path | None = None
     resume_step: int | None = Field(None, ge=0)
     overwrite: bool = False
+    save_async: bool = False
 
     @model_validator(mode="after")
     def _check_resume(self) -> CheckpointConfig:
@@ -111,6 +122,8 @@ class CheckpointManager:
         self._dist = _Distribution(dist_agent) if dist_agent is not None else None
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"checkpoint path {self.path} exists and is not a folder.")
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         if self._is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             self.clean_temporaries()
@@ -237,7 +250,10 @@ class CheckpointManager:
         """Write ``global_step_<step>`` for the whole population, then the pointer, then apply retention.
 
         ``env`` must provide ``state_dict()`` (plain JSON data); it is saved as the data position to continue from.
+        With ``save_async`` this returns once the state is snapshotted; the folder appears when the background
+        write completes (``wait()``).
         """
+        self.wait()  # one save at a time; a failed earlier write raises here
         final = self.step_dir(step)
         staging = self.path / f".{final.name}.incomplete"
         if self._is_main:
@@ -245,41 +261,109 @@ class CheckpointManager:
                 shutil.rmtree(staging)
             staging.mkdir(parents=True)
         self._wait()
+        save_async = self.config.save_async and self._can_snapshot(pop)
+        snapshots: list[AgentSnapshot] = []
         for i, agent in enumerate(pop):
-            save_agent_checkpoint(agent, staging / f"agent_{i}", lora_only=True, save_optimizer=True)
+            if save_async:  # without an engine there is nothing collective to do: only the main process writes
+                if self._is_main:
+                    snapshots.append(snapshot_checkpoint(agent, lora_only=True, save_optimizer=True, to_host=True))
+            else:
+                save_agent_checkpoint(agent, staging / f"agent_{i}", lora_only=True, save_optimizer=True)
         rng_tensors, rng_json = _capture_rng()
         rng_file = RNG_FILE if self._rank == 0 else f"rng_state_rank{self._rank}.safetensors"
-        save_file(rng_tensors, str(staging / rng_file))
+        if not (save_async and self._is_main):
+            save_file(rng_tensors, str(staging / rng_file))
         self._wait()
         if self._is_main:
-            state = {
-                "format_version": RUN_FORMAT_VERSION,
-                "global_step": step,
-                "samples_seen": int(samples_seen),
-                "num_agents": len(pop),
-                "agent_indices": [int(getattr(agent, "index", i)) for i, agent in enumerate(pop)],
-                "algorithm": [type(agent).__name__ for agent in pop],
-                "env_state": env.state_dict() if env is not None else None,
-                "wandb_run_id": wandb_run_id,
-                "rng": rng_json,
-                "extra": extra or {},
-            }
-            _write_json_durably(staging / TRAINER_STATE_FILE, state)
-            _fsync_dir(staging)
-            if final.exists():  # a re-run from an earlier step replaces the stale folder only once the new one is done
-                replaced = self.path / f".{final.name}.replaced"
-                if replaced.exists():
-                    shutil.rmtree(replaced)
-                os.rename(final, replaced)
-                os.rename(staging, final)
-                shutil.rmtree(replaced)
+            state_text = json.dumps(
+                {
+                    "format_version": RUN_FORMAT_VERSION,
+                    "global_step": step,
+                    "samples_seen": int(samples_seen),
+                    "num_agents": len(pop),
+                    "agent_indices": [int(getattr(agent, "index", i)) for i, agent in enumerate(pop)],
+                    "algorithm": [type(agent).__name__ for agent in pop],
+                    "env_state": env.state_dict() if env is not None else None,
+                    "wandb_run_id": wandb_run_id,
+                    "rng": rng_json,
+                    "extra": extra or {},
+                }
+            )
+            if save_async:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+                self._pending = self._executor.submit(
+                    self._write_in_background, step, staging, snapshots, rng_tensors, rng_file, state_text
+                )
             else:
-                os.rename(staging, final)
-            _fsync_dir(self.path)
-            self._write_pointer(step)
-            self._retain(step)
-        self._wait()
+                self._finish(step, staging, state_text)
+        if not save_async:  # every rank takes the same branch, so the barriers stay paired
+            self._wait()
         return final
+
+    def _write_in_background(
+        self,
+        step: int,
+        staging: Path,
+        snapshots: list[AgentSnapshot],
+        rng_tensors: dict[str, torch.Tensor],
+        rng_file: str,
+        state_text: str,
+    ) -> None:
+        for i, snapshot in enumerate(snapshots):
+            write_snapshot(snapshot, staging / f"agent_{i}")
+        save_file(rng_tensors, str(staging / rng_file))
+        self._finish(step, staging, state_text)
+
+    def _finish(self, step: int, staging: Path, state_text: str) -> None:
+        """Main process: trainer state (last in the folder), rename, pointer, retention; in this order."""
+        final = self.step_dir(step)
+        _write_json_durably(staging / TRAINER_STATE_FILE, state_text)
+        _fsync_dir(staging)
+        if final.exists():  # a re-run from an earlier step replaces the stale folder only once the new one is done
+            replaced = self.path / f".{final.name}.replaced"
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            os.rename(final, replaced)
+            os.rename(staging, final)
+            shutil.rmtree(replaced)
+        else:
+            os.rename(staging, final)
+        _fsync_dir(self.path)
+        self._write_pointer(step)
+        self._retain(step)
+
+    def _can_snapshot(self, pop: list[LLMAlgorithm]) -> bool:
+        if all(agent._deepspeed_engine() is None for agent in pop):
+            return True
+        warnings.warn(
+            "save_async: a DeepSpeed engine writes its checkpoint collectively; saving synchronously instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+
+    def wait(self) -> None:
+        """Block until the background write in flight (if any) is complete; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self, *, raise_error: bool = True) -> None:
+        """Wait for the last write and stop the writer thread. ``raise_error=False`` (for a loop that is already
+        failing) waits without re-raising the writer's error."""
+        try:
+            if raise_error:
+                self.wait()
+            else:
+                try:
+                    self.wait()
+                except Exception:
+                    pass
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
 
     def _write_pointer(self, step: int) -> None:
         pointer = self.path / POINTER_FILE
@@ -309,6 +393,7 @@ class CheckpointManager:
         Adapters (actor, reference, critic), optimizer and LR schedule come back exactly as saved: the saved
         reference is restored rather than replaced by the actor, so the KL anchor does not move.
         """
+        self.wait()
         folder = self._require_complete(Path(folder), "checkpoint")
         state = json.loads((folder / TRAINER_STATE_FILE).read_text())
         if state.get("format_version") != RUN_FORMAT_VERSION:
@@ -412,9 +497,9 @@ def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> Non
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
 
 
-def _write_json_durably(file: Path, data: dict[str, Any]) -> None:
+def _write_json_durably(file: Path, text: str) -> None:
     with open(file, "w") as handle:
-        json.dump(data, handle)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
 

@@ -70,19 +70,28 @@ def finetune_llm_reasoning(
     # A resumed env already stands after the last batch it served: continue with the next one.
     prompts = env.advance() if resumed is not None else env.reset(reset_dataloaders=True)
     steps = range(start + 1, max_steps + 1)
-    for step in tqdm(steps, desc="training", disable=not progress, dynamic_ncols=True):
-        for agent in pop:
-            row = {"step": float(step), "agent": float(agent.index)} | _train_step(agent, env, prompts)
-            if step % evaluation_interval == 0 or step == max_steps:
-                row["eval/reward"] = float(agent.test(env).mean())
-            history.append(row)
-            logger.log(step, {key: value for key, value in row.items() if key != "step"})
-        samples_seen += len(prompts)
-        if manager is not None and manager.should_save(step, max_steps):
-            run_id = getattr(logger, "wandb_run_id", None)
-            manager.save(step, pop, env, samples_seen=samples_seen, wandb_run_id=run_id)
-        prompts = env.advance()
-    logger.close()
+    try:
+        for step in tqdm(steps, desc="training", disable=not progress, dynamic_ncols=True):
+            for agent in pop:
+                row = {"step": float(step), "agent": float(agent.index)} | _train_step(agent, env, prompts)
+                if step % evaluation_interval == 0 or step == max_steps:
+                    row["eval/reward"] = float(agent.test(env).mean())
+                history.append(row)
+                logger.log(step, {key: value for key, value in row.items() if key != "step"})
+            samples_seen += len(prompts)
+            if manager is not None and manager.should_save(step, max_steps):
+                run_id = getattr(logger, "wandb_run_id", None)
+                manager.save(step, pop, env, samples_seen=samples_seen, wandb_run_id=run_id)
+            prompts = env.advance()
+    except BaseException:
+        if manager is not None:
+            manager.close(raise_error=False)  # finish the write in flight; the loop's own error is the one raised
+        raise
+    try:
+        if manager is not None:
+            manager.close()  # an async save completes (or raises) before the loop returns
+    finally:
+        logger.close()
     return pop, history
 
 
