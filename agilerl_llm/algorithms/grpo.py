@@ -244,12 +244,12 @@ class GRPO(LLMAlgorithm):
         batch = with_behaviour_logprobs(self, batch, self.beta)
         self.set_training_mode(True)
         metrics = run_update_epochs(
-            batch,
+            batch.num_rows,
             batch_size=self.batch_size,
             update_epochs=self.update_epochs,
-            optimise_mini_batch=lambda mini_batch: policy_gradient_step(
+            optimise_mini_batch=lambda rows: policy_gradient_step(
                 self,
-                mini_batch,
+                batch.select(rows),
                 loss_type=self.loss_type,
                 ratio_bounds=self.clip_bounds,
                 beta=self.beta,

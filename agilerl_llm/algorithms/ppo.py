@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agilerl_llm.advantages import gae, kl_penalised_token_rewards, whiten_token_advantages
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
+from agilerl_llm.algorithms.updates import run_update_epochs
 from agilerl_llm.losses import clipped_value_loss, grpo_policy_loss, kl_k3, resolve_clip_bounds
 from agilerl_llm.model.adapters import CRITIC
 from agilerl_llm.model.value_head import ValueHead
@@ -182,17 +183,13 @@ class LLMPPO(LLMAlgorithm):
             advantages = whiten_token_advantages(advantages, mask)
         batch = batch.with_fields(advantages=advantages, old_logprobs=old_logprobs)
         self.set_training_mode(True)
-        totals: dict[str, float] = {}
-        steps = 0
-        for _ in range(self.update_epochs):
-            order = torch.randperm(batch.num_rows, device=self.device)
-            for start in range(0, batch.num_rows, self.batch_size):
-                rows = order[start : start + self.batch_size]
-                for key, value in self._optimise_mini_batch(batch, old_values, returns, rows).items():
-                    totals[key] = totals.get(key, 0.0) + value
-                steps += 1
+        metrics = run_update_epochs(
+            batch.num_rows,
+            batch_size=self.batch_size,
+            update_epochs=self.update_epochs,
+            optimise_mini_batch=lambda rows: self._optimise_mini_batch(batch, old_values, returns, rows),
+        )
         num_actions = mask.sum().clamp(min=1)
-        metrics = {key: value / steps for key, value in totals.items()}
         return metrics | {
             "mean_kl": float(kl[mask].mean()) if kl is not None and mask.any() else 0.0,
             "value_mean": float(old_values[mask].sum() / num_actions),

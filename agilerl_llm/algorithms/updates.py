@@ -25,19 +25,23 @@ if TYPE_CHECKING:
 
 
 def run_update_epochs(
-    batch: Experience,
+    num_rows: int,
     *,
     batch_size: int,
     update_epochs: int,
-    optimise_mini_batch: Callable[[Experience], dict[str, float]],
+    optimise_mini_batch: Callable[[torch.Tensor], dict[str, float]],
 ) -> dict[str, float]:
-    """Shuffled mini-batches for ``update_epochs`` passes; returns each metric averaged over optimizer steps."""
+    """Shuffled mini-batches for ``update_epochs`` passes; returns each metric averaged over optimizer steps.
+
+    ``optimise_mini_batch`` receives the mini-batch's row indices (so per-row tensors kept outside the
+    ``Experience``, such as PPO's old values and returns, are selected alongside it).
+    """
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(update_epochs):
-        order = torch.randperm(batch.num_rows)
-        for start in range(0, batch.num_rows, batch_size):
-            for key, value in optimise_mini_batch(batch.select(order[start : start + batch_size])).items():
+        order = torch.randperm(num_rows)
+        for start in range(0, num_rows, batch_size):
+            for key, value in optimise_mini_batch(order[start : start + batch_size]).items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
     return {key: value / steps for key, value in totals.items()}
