@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from agilerl_llm import CISPO, GRPO, GSPO, LLMAlgorithm, save_llm_checkpoint
 from agilerl_llm.checkpoint import CheckpointError
-from agilerl_llm.checkpoint import agent as checkpoint_module
+from agilerl_llm.checkpoint import files as checkpoint_files
 from agilerl_llm.optim import CosineLRScheduleConfig
 from agilerl_llm.testing import save_tiny_model
 
@@ -363,10 +363,10 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tiny_model_dir, tokenizer,
         if len(calls) == 2:
             Path(filename).write_bytes(b"half a file")
             raise OSError("disk full")
-        checkpoint_module.save_file.__wrapped__(tensors, filename, metadata=metadata)
+        checkpoint_files.save_file.__wrapped__(tensors, filename, metadata=metadata)
 
-    crash_on_second_adapter.__wrapped__ = checkpoint_module.save_file
-    monkeypatch.setattr(checkpoint_module, "save_file", crash_on_second_adapter)
+    crash_on_second_adapter.__wrapped__ = checkpoint_files.save_file
+    monkeypatch.setattr(checkpoint_files, "save_file", crash_on_second_adapter)
     with pytest.raises(OSError, match="disk full"):
         trained.save_checkpoint(path)
     assert len(calls) == 2

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from agilerl_llm import GRPO
 from agilerl_llm.checkpoint import CheckpointConfig, CheckpointManager
 from agilerl_llm.checkpoint import agent as agent_checkpoint
+from agilerl_llm.checkpoint import files as checkpoint_files
 from agilerl_llm.checkpoint.run import POINTER_FILE, TRAINER_STATE_FILE
 from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.training.logging import MetricsLogger
@@ -101,7 +102,7 @@ def test_a_failed_background_write_raises_from_the_loop(tmp_path, tiny_model_dir
         calls.append(threading.current_thread().name)
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(agent_checkpoint, "_write_adapter", broken_write)
+    monkeypatch.setattr(checkpoint_files, "write_adapter", broken_write)
     with pytest.raises(OSError, match="injected"):
         run(tiny_model_dir, tokenizer, tmp_path / "ck", save_async=True, max_steps=4)
     assert calls and calls[0].startswith("checkpoint-writer")  # it failed in the writer thread ...
@@ -111,20 +112,20 @@ def test_a_failed_background_write_raises_from_the_loop(tmp_path, tiny_model_dir
 
 
 def test_a_failed_final_write_raises_at_close(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
-    monkeypatch.setattr(agent_checkpoint, "_save_torch", lambda payload, file: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(checkpoint_files, "save_torch", lambda payload, file: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError, match="boom"):
         run(tiny_model_dir, tokenizer, tmp_path / "ck", save_async=True, max_steps=1)
 
 
 def test_the_loop_returns_after_the_last_write(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
-    real = agent_checkpoint._save_torch
+    real = checkpoint_files.save_torch
     release = threading.Event()
 
     def slow_save(payload, file):  # the writer stays busy until the training thread has moved on
         release.wait(timeout=0.5)
         real(payload, file)
 
-    monkeypatch.setattr(agent_checkpoint, "_save_torch", slow_save)
+    monkeypatch.setattr(checkpoint_files, "save_torch", slow_save)
     run(tiny_model_dir, tokenizer, tmp_path / "ck", save_async=True, max_steps=3)
     assert (tmp_path / "ck" / POINTER_FILE).read_text() == "3\n"
     assert json.loads((tmp_path / "ck" / "global_step_3" / TRAINER_STATE_FILE).read_text())["global_step"] == 3

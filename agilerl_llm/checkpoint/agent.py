@@ -25,52 +25,47 @@ outside DeepSpeed's engine).
 Writes are atomic at the folder level: everything goes into a hidden sibling ``.<name>.incomplete`` which is
 renamed to ``<path>`` once complete; an existing checkpoint at ``<path>`` is moved aside and deleted only after
 that. Loads check everything they can (format, LoRA config, base-model shapes, every adapter file) before the
-first live weight changes. Under several processes every rank calls both functions; only the main process
+first live weight changes (file names, atomic folder writes and checked reads live in ``files.py``; this module
+decides what a checkpoint holds and how it is applied). Under several processes every rank calls both functions; only the main process
 writes, and all ranks wait for it.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
-import pickle
-import shutil
 import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, lora_config_differences
+from agilerl_llm.checkpoint import files
+from agilerl_llm.checkpoint.files import (
+    ADAPTER_WEIGHTS_FILE,
+    ATTRIBUTES_FILE,
+    ENGINE_DIR,
+    FORMAT_VERSION,
+    CheckpointError,
+)
+from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE
 from agilerl_llm.optim import set_learning_rate
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
 
-ATTRIBUTES_FILE = "attributes.pt"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ENGINE_DIR = "save_checkpoint"
-FORMAT_VERSION = 1
 
 # Attributes fixed by how the live agent was built; a checkpoint never changes them on load. ``index`` is the
 # agent's place in its population, not part of what it learned.
 _FIXED_ATTRIBUTES = frozenset(
     {"index", "use_separate_reference_adapter", "model_name", "gradient_checkpointing", "calc_position_embeddings"}
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this agent: corrupt, unsafe, or made for another model/config."""
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -87,9 +82,9 @@ def save_checkpoint(
     path = Path(path)
     dist = _Distribution(agent)
     staging = path.with_name(f".{path.name}.incomplete")
-    _check_target(path)  # on every rank, so that all of them raise rather than wait for each other
+    files.check_target(path)  # on every rank, so that all of them raise rather than wait for each other
     if dist.is_main:
-        _remove(staging)
+        files.remove_folder(staging)
         staging.mkdir(parents=True)
     dist.wait()
     try:
@@ -97,17 +92,17 @@ def save_checkpoint(
         payload = _attributes_payload(agent, lora_only, save_optimizer, engine_saves)
         adapters = _adapter_weights(agent) if lora_only else {}
         if dist.is_main:
-            _save_torch(payload, staging / ATTRIBUTES_FILE)
+            files.save_torch(payload, staging / ATTRIBUTES_FILE)
             for name, weights in adapters.items():
-                _write_adapter(staging / name, weights, agent.lora_config)
+                files.write_adapter(staging / name, weights, agent.lora_config)
         if engine_saves:
             dist.engine.save_checkpoint(str(staging / ENGINE_DIR), exclude_frozen_parameters=lora_only)
         dist.wait()
         if dist.is_main:
-            _publish(staging, path)
+            files.publish(staging, path)
     except BaseException:
         if dist.is_main:
-            _remove(staging)
+            files.remove_folder(staging)
         raise
     dist.wait()
 
@@ -149,16 +144,16 @@ def write_snapshot(snapshot: AgentSnapshot, path: str | os.PathLike) -> None:
     staging + rename). Pure file I/O in the calling process: no collective calls, safe in a background thread."""
     path = Path(path)
     staging = path.with_name(f".{path.name}.incomplete")
-    _check_target(path)
-    _remove(staging)
+    files.check_target(path)
+    files.remove_folder(staging)
     staging.mkdir(parents=True)
     try:
-        _save_torch(snapshot.payload, staging / ATTRIBUTES_FILE)
+        files.save_torch(snapshot.payload, staging / ATTRIBUTES_FILE)
         for name, weights in snapshot.adapters.items():
-            _write_adapter(staging / name, weights, snapshot.lora_config)
-        _publish(staging, path)
+            files.write_adapter(staging / name, weights, snapshot.lora_config)
+        files.publish(staging, path)
     except BaseException:
-        _remove(staging)
+        files.remove_folder(staging)
         raise
 
 
@@ -238,11 +233,11 @@ def load_checkpoint(
     """
     path = Path(path)
     dist = _Distribution(agent)
-    saved = _read_attributes(path)
+    saved = files.read_attributes(path)
     _check_base_shapes(saved["base_shapes"], agent)  # first: another base model also resolves LoRA targets differently
-    _check_lora_config(saved["lora_config"], agent.lora_config, path / ATTRIBUTES_FILE)
+    files.check_lora_config(saved["lora_config"], agent.lora_config, path / ATTRIBUTES_FILE)
     plan = _LoadPlan.make(agent, saved, overwrite_reference_adapter, overwrite_critic_adapter)
-    adapter_weights = {name: _read_adapter(path / name, agent.lora_config) for name in plan.from_folders}
+    adapter_weights = {name: files.read_adapter(path / name, agent.lora_config) for name in plan.from_folders}
     full_state = saved.get("actor_state_dict")
     engine_dir = path / ENGINE_DIR
     weights_in_engine = saved["engine_checkpoint"] and not saved["lora_only"]
@@ -322,7 +317,7 @@ def _attributes_payload(
         "algorithm": type(agent).__name__,
         "attributes": agent.inspect_attributes(agent),
         "adapters": list(agent.adapter_names()),
-        "lora_config": _plain_lora_config(agent.lora_config),
+        "lora_config": files.plain_lora_config(agent.lora_config),
         "base_shapes": _base_shapes(agent, named),
         "lora_only": lora_only,
         "engine_checkpoint": engine_saves,
@@ -345,113 +340,7 @@ def _adapter_weights(agent: LLMAlgorithm) -> dict[str, dict[str, torch.Tensor]]:
         }
 
 
-def _write_adapter(folder: Path, weights: dict[str, torch.Tensor], lora_config: Any) -> None:
-    """PEFT's adapter folder: loadable with ``PeftModel.from_pretrained(base, folder)``."""
-    folder.mkdir()
-    save_file(weights, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-    lora_config.save_pretrained(str(folder))
-
-
-def _save_torch(payload: dict[str, Any], file: Path) -> None:
-    torch.save(payload, file)
-
-
-def _check_target(path: Path) -> None:
-    """Refuse to replace anything but an earlier agent checkpoint (never a user's folder)."""
-    if path.is_file() or path.is_symlink():
-        raise FileExistsError(f"{path} exists and is not a folder; choose another checkpoint path.")
-    if path.is_dir() and any(path.iterdir()) and not (path / ATTRIBUTES_FILE).is_file():
-        raise FileExistsError(
-            f"{path} is a non-empty folder without {ATTRIBUTES_FILE}, so not an agent checkpoint; refusing to "
-            "replace it. Choose a new or empty folder."
-        )
-
-
-def _publish(staging: Path, path: Path) -> None:
-    """Move the complete ``staging`` folder to ``path``; an older checkpoint there is deleted only afterwards."""
-    if not path.exists():
-        os.rename(staging, path)
-        return
-    replaced = path.with_name(f".{path.name}.replaced")
-    _remove(replaced)
-    os.rename(path, replaced)
-    os.rename(staging, path)
-    _remove(replaced)
-
-
-def _remove(folder: Path) -> None:
-    if folder.is_dir():
-        shutil.rmtree(folder)
-
-
 # ---------------------------------------------------------------------------------------------- reading and checks
-def _read_attributes(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        replaced = path.with_name(f".{path.name}.replaced")
-        hint = f" An interrupted save left the previous checkpoint at {replaced}." if replaced.is_dir() else ""
-        raise FileNotFoundError(f"No agent checkpoint folder at {path}.{hint}")
-    file = path / ATTRIBUTES_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: {path} is not a complete agent checkpoint.")
-    try:
-        saved = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{file} holds objects other than tensors and plain Python data; refusing to unpickle it, since that "
-            f"could run arbitrary code. Only load checkpoints written by save_checkpoint. ({error})"
-        ) from None
-    except Exception as error:  # torch raises RuntimeError / EOFError / zipfile errors for damaged archives
-        raise CheckpointError(f"{file} is truncated or corrupt and cannot be read: {error}") from None
-    required = ("format_version", "attributes", "lora_config", "base_shapes", "lora_only", "engine_checkpoint")
-    if not isinstance(saved, dict) or any(key not in saved for key in required):
-        raise CheckpointError(f"{file} is not an agilerl_llm agent checkpoint (expected keys {list(required)}).")
-    if saved["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{file} has format_version={saved['format_version']}, newer than this release reads ({FORMAT_VERSION}); "
-            "upgrade agilerl_llm."
-        )
-    return saved
-
-
-def _read_adapter(folder: Path, live_config: Any) -> dict[str, torch.Tensor]:
-    config_file, weights_file = folder / ADAPTER_CONFIG_FILE, folder / ADAPTER_WEIGHTS_FILE
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing from the checkpoint.")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{config_file} is corrupt and cannot be parsed: {error}") from None
-    _check_lora_config(config, live_config, config_file)
-    try:
-        return load_file(str(weights_file))
-    except Exception as error:  # safetensors raises SafetensorError for truncated or damaged files
-        raise CheckpointError(f"{weights_file} is truncated or corrupt and cannot be read: {error}") from None
-
-
-def _plain_lora_config(config: Any) -> dict[str, Any]:
-    """The LoRA config as JSON-like data (sets become sorted lists, enums their values)."""
-
-    def default(value: Any) -> Any:
-        if isinstance(value, (set, frozenset)):
-            return sorted(value)
-        if isinstance(value, Enum):
-            return value.value
-        return str(value)
-
-    return json.loads(json.dumps(config.to_dict(), default=default))
-
-
-def _check_lora_config(saved: dict[str, Any], live: Any, source: Path) -> None:
-    differences = lora_config_differences(SimpleNamespace(**saved), live)
-    if differences:
-        raise CheckpointError(
-            f"The checkpoint's LoRA config ({source}) does not match this agent's: {'; '.join(differences)}. "
-            "Re-create the agent with lora_config=LoraConfig(...) set to the checkpoint's values (see its "
-            "adapter_config.json), then load."
-        )
-
-
 def _base_shapes(agent: LLMAlgorithm, named: dict[str, torch.nn.Parameter] | None = None) -> dict[str, list[int]]:
     """Shapes of the frozen base model's parameters (ZeRO-3 aware): the fingerprint of the base model.
 
@@ -514,7 +403,7 @@ def _check_weights(
             for name in agent.adapter_names()
         }
     for name, weights in adapter_weights.items():
-        _compare_shapes(
+        files.compare_shapes(
             {k: tuple(v.shape) for k, v in weights.items()}, expected[name], path / name / ADAPTER_WEIGHTS_FILE
         )
     if full_state is None:
@@ -536,21 +425,6 @@ def _check_weights(
             raise CheckpointError(
                 f"{path / ATTRIBUTES_FILE}: {key!r} has shape {tuple(tensor.shape)} but the live model has "
                 f"{tuple(lora_shapes[key])}: the checkpoint was made for another base model or LoRA rank."
-            )
-
-
-def _compare_shapes(saved: dict[str, tuple[int, ...]], live: dict[str, tuple[int, ...]], file: Path) -> None:
-    missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{file} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}. It was made for "
-            "another base model or LoRA config."
-        )
-    for key, shape in saved.items():
-        if shape != live[key]:
-            raise CheckpointError(
-                f"{file}: {key!r} has shape {shape} but the live adapter has {live[key]}: the checkpoint was made "
-                "for another base model or LoRA rank."
             )
 
 
