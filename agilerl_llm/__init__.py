@@ -15,6 +15,7 @@ from agilerl_llm.checkpoint.agent import save_llm_checkpoint
 from agilerl_llm.envs.preference import PreferenceGym
 from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym, RewardFunctionError
 from agilerl_llm.envs.sft import SFTGym
+from agilerl_llm.evolution import HyperparameterConfig, Mutations, RLParameter, TournamentSelection, create_population
 from agilerl_llm.optim import CosineLRScheduleConfig
 from agilerl_llm.rollout.base import ActionResult, SamplingSettings
 from agilerl_llm.training.logging import MetricsLogger
@@ -36,12 +37,17 @@ __all__ = [
     "SFTGym",
     "ActionResult",
     "CosineLRScheduleConfig",
+    "HyperparameterConfig",
     "LLMAlgorithm",
     "MetricsLogger",
+    "Mutations",
     "PromptBatch",
+    "RLParameter",
     "ReasoningGym",
     "RewardFunctionError",
     "SamplingSettings",
+    "TournamentSelection",
+    "create_population",
     "finetune_llm_preference",
     "finetune_llm_reasoning",
     "finetune_llm_sft",

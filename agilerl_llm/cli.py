@@ -3,17 +3,26 @@
 agilerl-llm train configs/quickstart.yaml [dotted.key=value ...]   # run a reasoning job
 agilerl-llm check configs/quickstart.yaml                          # validate a config, print it resolved
 agilerl-llm tasks                                                  # list the built-in tasks
+agilerl-llm checkpoints list RUN_DIR                               # the step folders of a run
+agilerl-llm checkpoints verify RUN_DIR [--step N]                  # check that a run's checkpoints read back
+agilerl-llm checkpoints export RUN_DIR --out DIR [--step N] [--agent I] [--base-model DIR] [--tokenizer DIR]
+                                                                   # a merged HuggingFace model (see docs/checkpoint_cli.md)
+
+Exit codes: 0 success, 1 problems found (``checkpoints verify``) or a failed export, 2 a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
 from agilerl_llm.envs.tasks import TASKS
 from agilerl_llm.training.config import ConfigError, RunConfig
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +34,25 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("config", help="path to a YAML run config (see configs/)")
         command.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.max_steps=20")
     commands.add_parser("tasks", help="list the built-in tasks")
+    _add_checkpoint_commands(commands)
     return parser
+
+
+def _add_checkpoint_commands(commands: argparse._SubParsersAction) -> None:
+    checkpoints = commands.add_parser("checkpoints", help="list, verify or export a run's checkpoints")
+    actions = checkpoints.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="the step folders of a run: step, size, complete, latest")
+    listing.add_argument("path", help="the run's checkpoint folder (CheckpointConfig.path)")
+    verify = actions.add_parser("verify", help="check that every file of the run's checkpoints reads back")
+    verify.add_argument("path", help="the run's checkpoint folder, or one global_step_<N> folder")
+    verify.add_argument("--step", type=int, help="check only this step (default: every complete step)")
+    export = actions.add_parser("export", help="write an agent's policy as a merged HuggingFace model")
+    export.add_argument("path", help="the run's checkpoint folder, or one global_step_<N> folder")
+    export.add_argument("--out", required=True, help="the folder to write the HuggingFace model to")
+    export.add_argument("--step", type=int, help="the step to export (default: the latest complete one)")
+    export.add_argument("--agent", type=int, default=0, help="which population member (default: 0)")
+    export.add_argument("--base-model", help="the base model the run trained on (default: the agent's model_name)")
+    export.add_argument("--tokenizer", help="where to load the tokenizer from (default: the base model's folder)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,20 +60,119 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tasks":
         for name, task in sorted(TASKS.items()):
             print(f"{name:<10} {task.make_dataset.__doc__.splitlines()[0]}")
-        return 0
+        return EXIT_OK
+    if args.command == "checkpoints":
+        return _checkpoints(args)
     try:
         config = RunConfig.from_yaml(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as error:
         print(f"agilerl-llm: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.command == "check":
         print(yaml.safe_dump(config.model_dump(), sort_keys=False), end="")
-        return 0
+        return EXIT_OK
     from agilerl_llm.quickstart import summary_table
     from agilerl_llm.training.job import run_reasoning_job
 
     print(summary_table(run_reasoning_job(config)))
-    return 0
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+class _UsageError(Exception):
+    """A problem with what the user asked for (missing folder, unknown step, no base model): exit code 2."""
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    handlers = {"list": _list, "verify": _verify, "export": _export}
+    try:
+        return handlers[args.action](args)
+    except (_UsageError, OSError, ValueError) as error:  # OSError: a missing folder, a refused --out, ...
+        from agilerl_llm.checkpoint.files import CheckpointError
+
+        if isinstance(error, CheckpointError):  # a damaged or mismatched checkpoint, not a usage error
+            print(f"agilerl-llm: {error}", file=sys.stderr)
+            return EXIT_PROBLEMS
+        print(f"agilerl-llm: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _list(args: argparse.Namespace) -> int:
+    from agilerl_llm.checkpoint.catalog import list_checkpoints
+
+    infos = list_checkpoints(args.path)
+    if not infos:
+        print(f"no checkpoints under {args.path}")
+        return EXIT_OK
+    print(f"{'step':>8}  {'size (MB)':>10}  {'state':<10}  {'latest':<6}  folder")
+    for info in infos:
+        state = "complete" if info.complete else "incomplete"
+        latest = "*" if info.is_latest else ""
+        print(f"{info.step:>8}  {info.size / 1e6:>10.2f}  {state:<10}  {latest:<6}  {info.folder.name}")
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from agilerl_llm.checkpoint.catalog import local_run_path, verify_checkpoint
+
+    if not local_run_path(args.path).is_dir():
+        raise _UsageError(f"no such folder: {args.path}")
+    problems = verify_checkpoint(args.path, step=args.step)
+    if not problems:
+        print("OK")
+        return EXIT_OK
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    print(f"{len(problems)} problem(s) found")
+    return EXIT_PROBLEMS
+
+
+def _export(args: argparse.Namespace) -> int:
+    from agilerl_llm.checkpoint.catalog import list_checkpoints, local_run_path
+    from agilerl_llm.checkpoint.export import export_checkpoint
+    from agilerl_llm.checkpoint.files import read_attributes
+    from agilerl_llm.checkpoint.run import STEP_PREFIX, CheckpointManager
+
+    path = local_run_path(args.path)
+    if CheckpointManager.is_complete(path) and args.step is None:
+        step_dir = path  # one global_step_<N> folder
+    else:
+        if not path.is_dir():
+            raise _UsageError(f"no such folder: {path}")
+        complete = [info for info in list_checkpoints(path) if info.complete]
+        if not complete:
+            raise _UsageError(f"no complete {STEP_PREFIX}<N> folder under {path}")
+        if args.step is None:
+            step_dir = next((info.folder for info in complete if info.is_latest), complete[-1].folder)
+        else:
+            step_dir = path / f"{STEP_PREFIX}{args.step}"
+            if not CheckpointManager.is_complete(step_dir):
+                steps = [info.step for info in complete]
+                raise _UsageError(f"--step {args.step}: {step_dir} is not a complete checkpoint (complete: {steps})")
+    agent_dir = step_dir / f"agent_{args.agent}"
+    if not agent_dir.is_dir():
+        agents = sorted(p.name for p in step_dir.iterdir() if p.name.startswith("agent_"))
+        raise _UsageError(f"--agent {args.agent}: {agent_dir} does not exist (agents: {agents})")
+    base_model = args.base_model or _saved_base_model(read_attributes(agent_dir), agent_dir)
+    out = export_checkpoint(agent_dir, args.out, base_model=base_model, tokenizer=args.tokenizer)
+    print(f"exported {agent_dir} (base model {base_model}) to {out}")
+    return EXIT_OK
+
+
+def _saved_base_model(saved: dict, agent_dir: Path) -> str:
+    """The agent's ``model_name`` when it was built from a path; otherwise ask for --base-model."""
+    model_name = saved.get("attributes", {}).get("model_name")
+    if not model_name:
+        raise _UsageError(
+            f"{agent_dir} does not record its base model (the agent was built from a model object, not a "
+            "model_name path); pass --base-model DIR with the base model the run trained on."
+        )
+    if not Path(model_name).is_dir() and (model_name.startswith((".", "/", "~")) or model_name.count("/") > 1):
+        raise _UsageError(
+            f"the agent's base model {model_name!r} (its model_name) is not a folder here; pass --base-model DIR "
+            "with the base model the run trained on."
+        )
+    return model_name
 
 
 if __name__ == "__main__":

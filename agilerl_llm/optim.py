@@ -34,6 +34,21 @@ def build_optimizer(parameters: list[torch.nn.Parameter], lr: float) -> torch.op
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
 
 
+class PeakScaledLR(LambdaLR):
+    """``LambdaLR`` that reads each group's peak lr (``initial_lr``) at every step instead of a copy.
+
+    ``LambdaLR`` multiplies the factor by ``base_lrs``, a copy taken at construction, so a peak lr set later
+    (an evolved ``lr``, a restored checkpoint) would be undone by the next ``step()``. Reading the live
+    ``initial_lr`` keeps the schedule's shape at the new peak.
+    """
+
+    def get_lr(self) -> list[float]:
+        groups = self.optimizer.param_groups
+        return [
+            group["initial_lr"] * factor(self.last_epoch) for factor, group in zip(self.lr_lambdas, groups, strict=True)
+        ]
+
+
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: CosineLRScheduleConfig | None) -> LambdaLR | None:
     """The warm-up + cosine schedule for ``optimizer``, or ``None`` for a constant lr."""
     if config is None:
@@ -48,12 +63,18 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: CosineLRSchedul
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
 
-    return LambdaLR(optimizer, lr_factor)
+    return PeakScaledLR(optimizer, lr_factor)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the peak learning rate of every parameter group (and the schedule's base lr, if any)."""
+    """Set the peak learning rate of every parameter group.
+
+    Under a schedule (the group has an ``initial_lr``) the peak moves and the current lr keeps its place in
+    the schedule (current / peak stays the same); ``PeakScaledLR`` then scales the new peak at every step.
+    Without a schedule the lr is simply ``lr``.
+    """
     for group in optimizer.param_groups:
-        group["lr"] = lr
-        if "initial_lr" in group:
+        peak = group.get("initial_lr")
+        group["lr"] = lr * group["lr"] / peak if peak else lr
+        if peak is not None:
             group["initial_lr"] = lr

@@ -12,7 +12,7 @@ from agilerl_llm.cli import main as cli_main
 from agilerl_llm.envs.tasks import TASKS, get_task, letters_reward
 from agilerl_llm.envs.tasks.letters import make_letters_dataset
 from agilerl_llm.training.config import ConfigError, RunConfig
-from agilerl_llm.training.job import build_agent
+from agilerl_llm.training.job import build_population
 from agilerl_llm.training.warmstart import IGNORE_INDEX, collate_demonstrations, pretrain_on_demonstrations
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -60,7 +60,7 @@ def test_overrides_are_parsed_as_yaml_values():
 def test_unknown_algorithm_parameter_names_the_field(tiny_model_dir, tokenizer):
     config = RunConfig.from_dict({}, ["algorithm.params.group_sise=4"])
     with pytest.raises(ConfigError, match=r"algorithm\.params\.group_sise"):
-        build_agent(config, tiny_model_dir, tokenizer)
+        build_population(config, tiny_model_dir, tokenizer)
 
 
 def test_cli_check_prints_the_resolved_config(tmp_path, capsys):
@@ -143,3 +143,20 @@ def test_checkpoint_section_is_validated(tmp_path):
     assert config.checkpoint.interval == 5 and config.checkpoint.resume == "latest"
     with pytest.raises(ConfigError, match=r"checkpoint\.keep"):
         RunConfig.from_dict({"checkpoint": {"path": str(tmp_path), "keep": 0}})
+
+
+def test_overrides_switch_on_optional_sections():
+    config = RunConfig.from_dict(
+        {}, ["checkpoint.path=runs/x/checkpoints", "checkpoint.interval=5", "evolution.population_size=3"]
+    )
+    assert str(config.checkpoint.path) == "runs/x/checkpoints" and config.checkpoint.interval == 5
+    assert config.evolution.population_size == 3 and config.evolution.evo_steps == 25
+
+
+def test_population_config_is_valid_and_checks_ranges():
+    config = RunConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "population.yaml")
+    assert config.evolution.population_size == 4 and set(config.evolution.hyperparameters) == {"lr", "temperature"}
+    with pytest.raises(ConfigError, match=r"evolution\.hyperparameters\.lr.*min"):
+        RunConfig.from_dict({"evolution": {"hyperparameters": {"lr": {"min": 0.1, "max": 0.01}}}})
+    with pytest.raises(ConfigError, match=r"evolution.*tournament_size"):
+        RunConfig.from_dict({"evolution": {"population_size": 2, "tournament_size": 3}})

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agilerl_llm.checkpoint.run import CheckpointConfig
 from agilerl_llm.envs.tasks import TASKS
@@ -116,6 +116,51 @@ class LoggingSettings(_Section):
     progress: bool = True
 
 
+class HyperparameterRange(_Section):
+    """The range one hyperparameter may be mutated within, and the factors a mutation multiplies it by."""
+
+    min: float
+    max: float
+    dtype: Literal["float", "int"] = "float"
+    grow_factor: float = Field(1.2, gt=1)
+    shrink_factor: float = Field(0.8, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HyperparameterRange:
+        if not self.min <= self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        if self.dtype == "int" and (self.min != int(self.min) or self.max != int(self.max)):
+            raise ValueError(f"dtype int needs whole-number bounds, got min={self.min}, max={self.max}")
+        return self
+
+
+class EvolutionSettings(_Section):
+    """A population on one shared base model that evolves every ``evo_steps`` steps: every member is evaluated
+    on the held-out split, a tournament (with elitism) picks the parents, and their clones are mutated."""
+
+    population_size: int = Field(4, ge=1)
+    evo_steps: int = Field(25, ge=1)
+    tournament_size: int = Field(2, ge=1)
+    elitism: bool = True
+    eval_loop: int = Field(1, ge=1)  # fitness = mean of the last eval_loop evaluations
+    no_mutation: float = Field(0.4, ge=0)  # relative probabilities of leaving a child alone ...
+    rl_hp: float = Field(0.6, ge=0)  # ... or perturbing one of its hyperparameters
+    rand_seed: int = 0
+    hyperparameters: dict[str, HyperparameterRange] = Field(
+        default_factory=lambda: {"lr": HyperparameterRange(min=2e-4, max=5e-3)}
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EvolutionSettings:
+        if self.tournament_size > self.population_size:
+            raise ValueError(
+                f"tournament_size ({self.tournament_size}) cannot exceed population_size ({self.population_size})"
+            )
+        if self.no_mutation + self.rl_hp <= 0:
+            raise ValueError("no_mutation + rl_hp must be > 0 (they are relative probabilities)")
+        return self
+
+
 class RunConfig(_Section):
     """One reasoning run, end to end. ``output_dir`` receives the warm-started base and the final adapters."""
 
@@ -126,8 +171,10 @@ class RunConfig(_Section):
     algorithm: AlgorithmSettings = Field(default_factory=AlgorithmSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
-    # Run checkpoints (step folders, latest pointer, retention, resume); None saves nothing.
+    # Run checkpoints (step folders, latest pointer, retention, resume, HF exports); None saves nothing.
     checkpoint: CheckpointConfig | None = None
+    # Evolutionary hyperparameter optimisation of a population; None trains one agent.
+    evolution: EvolutionSettings | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -175,7 +222,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = result
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # an optional section that is off (checkpoint: null) is switched on
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {override!r}: {part!r} is a value, not a section.")
             node = child

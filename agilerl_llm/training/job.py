@@ -9,10 +9,12 @@ there.
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,12 +24,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.grpo import CISPO, GRPO, GSPO
+from agilerl_llm.checkpoint.run import CheckpointManager
 from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.envs.tasks import get_task
+from agilerl_llm.evolution import HyperparameterConfig, Mutations, RLParameter, TournamentSelection
 from agilerl_llm.optim import CosineLRScheduleConfig
 from agilerl_llm.testing import build_tiny_model, build_tiny_tokenizer
-from agilerl_llm.training.config import ConfigError, RunConfig, format_validation_error
+from agilerl_llm.training.config import ConfigError, EvolutionSettings, RunConfig, format_validation_error
 from agilerl_llm.training.logging import MetricsLogger
+from agilerl_llm.training.loop import fitness_of
 from agilerl_llm.training.reasoning import finetune_llm_reasoning, mean_eval_reward
 from agilerl_llm.training.warmstart import pretrain_on_demonstrations
 
@@ -45,6 +50,8 @@ class JobResult:
     history: list[dict[str, float]]
     base_model_dir: Path
     seconds: float
+    # The final population (one agent without evolution), fittest first by its last held-out evaluation.
+    population: list[LLMAlgorithm] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -101,8 +108,9 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system_prom
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def build_agent(config: RunConfig, base_dir: Path, tokenizer: PreTrainedTokenizerBase) -> GRPO:
-    """The configured algorithm on a freshly loaded base; unknown parameters name the config field."""
+def build_population(config: RunConfig, base_dir: Path, tokenizer: PreTrainedTokenizerBase) -> list[GRPO]:
+    """The configured algorithm on a freshly loaded base: one agent, or with ``evolution`` a population whose
+    members share that one base (each with its own adapters and optimizer). Unknown parameters name the field."""
     cls = ALGORITHMS[config.algorithm.name]
     # GRPO forwards its **base_kwargs to LLMAlgorithm, so both signatures hold accepted names.
     accepted = set(inspect.signature(cls.__init__).parameters) | set(
@@ -122,11 +130,67 @@ def build_agent(config: RunConfig, base_dir: Path, tokenizer: PreTrainedTokenize
             raise ConfigError(
                 "algorithm.params.cosine_lr_schedule_config: " + format_validation_error(error)
             ) from error
-    return cls(
-        tokenizer.pad_token_id,
-        tokenizer.pad_token,
-        actor_network=AutoModelForCausalLM.from_pretrained(base_dir),
-        **params,
+    network = AutoModelForCausalLM.from_pretrained(base_dir)
+    if config.evolution is None:
+        return [cls(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=network, **params)]
+    try:
+        return cls.population(
+            config.evolution.population_size,
+            pad_token_id=tokenizer.pad_token_id,
+            pad_token=tokenizer.pad_token,
+            actor_network=network,
+            hp_config=hyperparameter_config(config.evolution),
+            **params,
+        )
+    except ValueError as error:  # e.g. a mutable hyperparameter the algorithm does not have, or out of range
+        raise ConfigError(f"evolution.hyperparameters: {error}") from error
+
+
+def hyperparameter_config(settings: EvolutionSettings) -> HyperparameterConfig:
+    """The ``HyperparameterConfig`` of the ``evolution.hyperparameters`` section."""
+    return HyperparameterConfig(
+        **{
+            name: RLParameter(
+                min=int(r.min) if r.dtype == "int" else r.min,
+                max=int(r.max) if r.dtype == "int" else r.max,
+                dtype=int if r.dtype == "int" else float,
+                grow_factor=r.grow_factor,
+                shrink_factor=r.shrink_factor,
+            )
+            for name, r in settings.hyperparameters.items()
+        }
+    )
+
+
+def evolution_arguments(settings: EvolutionSettings | None) -> dict[str, Any]:
+    """``evo_steps`` / ``tournament`` / ``mutation`` for the finetune loop (nothing without evolution)."""
+    if settings is None:
+        return {}
+    return {
+        "evo_steps": settings.evo_steps,
+        "tournament": TournamentSelection(
+            tournament_size=settings.tournament_size,
+            elitism=settings.elitism,
+            population_size=settings.population_size,
+            eval_loop=settings.eval_loop,
+            rand_seed=settings.rand_seed,
+        ),
+        "mutation": Mutations(no_mutation=settings.no_mutation, rl_hp=settings.rl_hp, rand_seed=settings.rand_seed + 1),
+    }
+
+
+def make_logger(config: RunConfig) -> MetricsLogger:
+    """The configured metrics sinks; a resumed run continues the W&B run its checkpoint recorded."""
+    wandb_kwargs = None
+    if config.logging.wandb_project is not None:
+        wandb_kwargs = {"project": config.logging.wandb_project}
+        resume = CheckpointManager(config.checkpoint).resume_info() if config.checkpoint is not None else None
+        if resume is not None and resume.wandb_run_id is not None:
+            wandb_kwargs |= {"id": resume.wandb_run_id, "resume": "allow"}
+    return MetricsLogger(
+        tensorboard_dir=config.logging.tensorboard_dir,
+        wandb_kwargs=wandb_kwargs,
+        print_every=config.logging.print_every,
     )
 
 
@@ -150,15 +214,11 @@ def run_reasoning_job(config: RunConfig) -> JobResult:
         system_prompt=task.system_prompt,
         seed=config.task.seed,
     )
-    agent = build_agent(config, base_dir, tokenizer)
-    exact_before = _exact_match_rate(agent, env)
-    logger = MetricsLogger(
-        tensorboard_dir=config.logging.tensorboard_dir,
-        wandb_kwargs=None if config.logging.wandb_project is None else {"project": config.logging.wandb_project},
-        print_every=config.logging.print_every,
-    )
-    _, history = finetune_llm_reasoning(
-        [agent],
+    pop = build_population(config, base_dir, tokenizer)
+    exact_before = _exact_match_rate(pop[0], env)
+    logger = make_logger(config)
+    pop, history = finetune_llm_reasoning(
+        pop,
         env,
         max_steps=config.training.max_steps,
         evaluation_interval=config.training.evaluation_interval,
@@ -166,15 +226,20 @@ def run_reasoning_job(config: RunConfig) -> JobResult:
         logger=logger,
         progress=config.logging.progress,
         checkpoint=config.checkpoint,
+        **evolution_arguments(config.evolution),
     )
+    pop = sorted(pop, key=lambda agent: -fitness_of(agent) if agent.fitness else math.inf)
+    final_step = config.training.max_steps
+    final_rows = [row for row in history if row["step"] == final_step and row["agent"] == pop[0].index]
     return JobResult(
         reward_before=mean_eval_reward(history, 0),
-        reward_after=mean_eval_reward(history, config.training.max_steps),
+        reward_after=final_rows[-1]["eval/reward"] if final_rows else mean_eval_reward(history, final_step),
         exact_before=exact_before,
-        exact_after=_exact_match_rate(agent, env),
+        exact_after=_exact_match_rate(pop[0], env),
         history=history,
         base_model_dir=base_dir,
         seconds=time.perf_counter() - started,
+        population=pop,
     )
 
 

@@ -12,12 +12,12 @@ import time
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from agilerl_llm.algorithms.base import LLMAlgorithm
-from agilerl_llm.checkpoint.run import CheckpointConfig, CheckpointManager
+from agilerl_llm.checkpoint.run import CheckpointConfig
 from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.training.logging import MetricsLogger
+from agilerl_llm.training.loop import Evolution, check_loop_arguments, run_population_loop
 
 
 def finetune_llm_reasoning(
@@ -30,69 +30,50 @@ def finetune_llm_reasoning(
     logger: MetricsLogger | None = None,
     progress: bool = True,
     checkpoint: CheckpointConfig | None = None,
+    evo_steps: int | None = None,
+    tournament: Any | None = None,
+    mutation: Any | None = None,
 ) -> tuple[list[LLMAlgorithm], list[dict[str, float]]]:
-    """Train a population of LLM agents on a reasoning environment.
+    """Train a population of LLM agents on a reasoning environment (the loop is ``training/loop.py``).
 
     Args:
-        pop: the agents (a list of one for plain training).
+        pop: the agents (a list of one for plain training; ``GRPO.population(size, ...)`` for a population on
+            one shared base model).
         env: the environment serving prompts and scoring completions.
         max_steps: training steps (one prompt batch per step).
         evaluation_interval: evaluate every this many steps; the last step is always evaluated.
         evaluate_at_start: evaluate before the first step too (the "before" reward).
         logger: where metrics go; by default stdout only, one line per step.
-        progress: show a progress bar.
-        checkpoint: save run checkpoints (every member, the data position, RNG states) every
-            ``checkpoint.interval`` steps and on the last step, and resume as ``checkpoint.resume`` says.
-            A resumed run continues at the saved global step up to ``max_steps`` (the total), serves exactly
-            the next prompt batch, and skips ``evaluate_at_start``. None (default) saves nothing.
+        progress: show a progress bar (and each generation's fitness table).
+        checkpoint: save run checkpoints (every member, the data position, RNG states, evolution state) every
+            ``checkpoint.interval`` steps and on the last step, export the fittest member every
+            ``checkpoint.hf_save_interval`` steps, and resume as ``checkpoint.resume`` says. A resumed run continues
+            at the saved global step up to ``max_steps`` (the total), serves exactly the next prompt batch, and
+            skips ``evaluate_at_start``. None (default) saves nothing.
+        evo_steps: evolve every this many steps: every member is evaluated on the held-out split, ``tournament``
+            selects the next generation and ``mutation`` perturbs it. None (default) never evolves.
+        tournament: a ``TournamentSelection`` (needed with ``evo_steps``).
+        mutation: a ``Mutations``; None selects without mutating.
 
     Returns:
         The trained population and the metrics history: one dict per (step, agent) with ``step``,
-        ``agent``, the training metrics and, on evaluation steps, ``eval/reward``. A resumed run's history
-        holds the steps it ran itself.
+        ``agent``, ``hp/<name>`` for mutable hyperparameters, the training metrics and, on evaluation steps,
+        ``eval/reward``. A resumed run's history holds the steps it ran itself.
     """
-    if not pop:
-        raise ValueError("pop is empty; pass a list with at least one agent.")
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
-    if evaluation_interval < 1:
-        raise ValueError(f"evaluation_interval must be >= 1, got {evaluation_interval}.")
-    logger = logger or MetricsLogger()
-    history: list[dict[str, float]] = []
-    manager = CheckpointManager(checkpoint, dist_agent=pop[0]) if checkpoint is not None else None
-    resumed = manager.restore(pop, env) if manager is not None else None
-    start, samples_seen = (resumed.global_step, resumed.samples_seen) if resumed is not None else (0, 0)
-    if resumed is None and evaluate_at_start:
-        for agent in pop:
-            row = {"step": 0.0, "agent": float(agent.index), "eval/reward": float(agent.test(env).mean())}
-            history.append(row)
-            logger.log(0, {key: value for key, value in row.items() if key != "step"})
-    # A resumed env already stands after the last batch it served: continue with the next one.
-    prompts = env.advance() if resumed is not None else env.reset(reset_dataloaders=True)
-    steps = range(start + 1, max_steps + 1)
-    try:
-        for step in tqdm(steps, desc="training", disable=not progress, dynamic_ncols=True):
-            for agent in pop:
-                row = {"step": float(step), "agent": float(agent.index)} | _train_step(agent, env, prompts)
-                if step % evaluation_interval == 0 or step == max_steps:
-                    row["eval/reward"] = float(agent.test(env).mean())
-                history.append(row)
-                logger.log(step, {key: value for key, value in row.items() if key != "step"})
-            samples_seen += len(prompts)
-            if manager is not None and manager.should_save(step, max_steps):
-                run_id = getattr(logger, "wandb_run_id", None)
-                manager.save(step, pop, env, samples_seen=samples_seen, wandb_run_id=run_id)
-            prompts = env.advance()
-    except BaseException:
-        if manager is not None:
-            manager.close(raise_error=False)  # finish the write in flight; the loop's own error is the one raised
-        raise
-    try:
-        if manager is not None:
-            manager.close()  # an async save completes (or raises) before the loop returns
-    finally:
-        logger.close()
-    return pop, history
+    check_loop_arguments(pop, max_steps, evaluation_interval)
+    return run_population_loop(
+        pop,
+        env,
+        max_steps=max_steps,
+        train_step=lambda agent, prompts: _train_step(agent, env, prompts),
+        evaluate=lambda agent: {"eval/reward": float(agent.test(env).mean())},
+        evaluation_interval=evaluation_interval,
+        evaluate_at_start=evaluate_at_start,
+        logger=logger,
+        progress=progress,
+        checkpoint=checkpoint,
+        evolution=Evolution.from_arguments(evo_steps, tournament, mutation, pop),
+    )
 
 
 def _train_step(agent: LLMAlgorithm, env: ReasoningGym, prompts: Any) -> dict[str, float]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from agilerl_llm.algorithms.base import LLMAlgorithm
+from agilerl_llm.checkpoint.run import CheckpointConfig
 from agilerl_llm.envs.sft import DatasetServer, SFTGym
 from agilerl_llm.training.logging import MetricsLogger
+from agilerl_llm.training.loop import Evolution, check_loop_arguments, run_population_loop
 
 
 def finetune_llm_sft(
@@ -26,23 +26,42 @@ def finetune_llm_sft(
     evaluate_at_start: bool = True,
     logger: MetricsLogger | None = None,
     progress: bool = True,
+    checkpoint: CheckpointConfig | None = None,
+    evo_steps: int | None = None,
+    tournament: Any | None = None,
+    mutation: Any | None = None,
 ) -> tuple[list[LLMAlgorithm], list[dict[str, float]]]:
     """Train a population of ``SFT`` agents on an ``SFTGym``.
 
     Args:
-        pop: the agents (a list of one for plain training).
+        pop: the agents (a list of one for plain training; ``SFT.population(size, ...)`` for a population).
         env: serves supervised batches and the held-out split.
         max_steps: optimizer-step batches drawn from the environment.
         evaluation_interval: evaluate every this many steps; the last step is always evaluated.
         evaluate_at_start: evaluate before the first step too.
         logger: where metrics go; by default stdout, one line per step.
         progress: show a progress bar.
+        checkpoint, evo_steps, tournament, mutation: run checkpoints and evolution, exactly as in
+            ``finetune_llm_reasoning``. The fitness is the held-out metric named by the agent's
+            ``fitness_metric``, signed so that higher is better.
 
     Returns:
         The population and the history: one dict per (step, agent) with ``step``, ``agent``, the training
         metrics and, on evaluation steps, the ``eval/...`` metrics (``eval/loss`` for SFT).
     """
-    return run_offline_loop(pop, env, max_steps, evaluation_interval, evaluate_at_start, logger, progress)
+    return run_offline_loop(
+        pop,
+        env,
+        max_steps,
+        evaluation_interval,
+        evaluate_at_start,
+        logger,
+        progress,
+        checkpoint,
+        evo_steps,
+        tournament,
+        mutation,
+    )
 
 
 def run_offline_loop(
@@ -53,34 +72,33 @@ def run_offline_loop(
     evaluate_at_start: bool,
     logger: MetricsLogger | None,
     progress: bool,
+    checkpoint: CheckpointConfig | None = None,
+    evo_steps: int | None = None,
+    tournament: Any | None = None,
+    mutation: Any | None = None,
 ) -> tuple[list[Any], list[dict[str, float]]]:
     """The loop of SFT and DPO: batch -> every agent's ``learn`` -> periodic ``evaluate`` on held-out data."""
-    if not pop:
-        raise ValueError("pop is empty; pass a list with at least one agent.")
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
-    if evaluation_interval < 1:
-        raise ValueError(f"evaluation_interval must be >= 1, got {evaluation_interval}.")
-    logger = logger or MetricsLogger()
-    history: list[dict[str, float]] = []
-    if evaluate_at_start:
-        for agent in pop:
-            row = {"step": 0.0, "agent": float(agent.index)} | _evaluate(agent, env)
-            history.append(row)
-            logger.log(0, {key: value for key, value in row.items() if key != "step"})
-    batch = env.reset(reset_dataloaders=True)
-    for step in tqdm(range(1, max_steps + 1), desc="training", disable=not progress, dynamic_ncols=True):
-        for agent in pop:
-            started = time.perf_counter()
-            row = {"step": float(step), "agent": float(agent.index)} | agent.learn(batch)
-            row["perf/learn_s"] = time.perf_counter() - started
-            if step % evaluation_interval == 0 or step == max_steps:
-                row |= _evaluate(agent, env)
-            history.append(row)
-            logger.log(step, {key: value for key, value in row.items() if key != "step"})
-        batch = env.advance()
-    logger.close()
-    return pop, history
+    check_loop_arguments(pop, max_steps, evaluation_interval)
+    return run_population_loop(
+        pop,
+        env,
+        max_steps=max_steps,
+        train_step=_learn,
+        evaluate=lambda agent: _evaluate(agent, env),
+        evaluation_interval=evaluation_interval,
+        evaluate_at_start=evaluate_at_start,
+        logger=logger,
+        progress=progress,
+        checkpoint=checkpoint,
+        evolution=Evolution.from_arguments(evo_steps, tournament, mutation, pop),
+    )
+
+
+def _learn(agent: Any, batch: Any) -> dict[str, float]:
+    started = time.perf_counter()
+    metrics = dict(agent.learn(batch))
+    metrics["perf/learn_s"] = time.perf_counter() - started
+    return metrics
 
 
 def _evaluate(agent: Any, env: DatasetServer) -> dict[str, float]:
