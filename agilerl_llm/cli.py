@@ -7,6 +7,8 @@ agilerl-llm checkpoints list RUN_DIR                               # the step fo
 agilerl-llm checkpoints verify RUN_DIR [--step N]                  # check that a run's checkpoints read back
 agilerl-llm checkpoints export RUN_DIR --out DIR [--step N] [--agent I] [--base-model DIR] [--tokenizer DIR]
                                                                    # a merged HuggingFace model (see docs/checkpoint_cli.md)
+RUN_DIR may be a URL (s3://bucket/run, gs://..., memory://...); ``--storage-option KEY=VALUE`` (repeatable) passes
+fsspec storage_options, e.g. --storage-option 'client_kwargs={"endpoint_url": "http://127.0.0.1:9000"}'.
 
 Exit codes: 0 success, 1 problems found (``checkpoints verify``) or a failed export, 2 a usage error.
 """
@@ -14,6 +16,7 @@ Exit codes: 0 success, 1 problems found (``checkpoints verify``) or a failed exp
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -42,17 +45,51 @@ def _add_checkpoint_commands(commands: argparse._SubParsersAction) -> None:
     checkpoints = commands.add_parser("checkpoints", help="list, verify or export a run's checkpoints")
     actions = checkpoints.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="the step folders of a run: step, size, complete, latest")
-    listing.add_argument("path", help="the run's checkpoint folder (CheckpointConfig.path)")
+    listing.add_argument(
+        "path", help="the run's checkpoint folder or URL (CheckpointConfig.path); a URL is listed, not downloaded"
+    )
     verify = actions.add_parser("verify", help="check that every file of the run's checkpoints reads back")
-    verify.add_argument("path", help="the run's checkpoint folder, or one global_step_<N> folder")
+    verify.add_argument(
+        "path",
+        help="the run's checkpoint folder, or one global_step_<N> folder; for a URL the checked step folders are "
+        "downloaded to a temporary folder (every complete step of the run when no --step is given)",
+    )
     verify.add_argument("--step", type=int, help="check only this step (default: every complete step)")
     export = actions.add_parser("export", help="write an agent's policy as a merged HuggingFace model")
-    export.add_argument("path", help="the run's checkpoint folder, or one global_step_<N> folder")
+    export.add_argument(
+        "path",
+        help="the run's checkpoint folder, or one global_step_<N> folder; for a URL only the chosen "
+        "global_step_<N>/agent_<I> folder is downloaded (to a temporary folder)",
+    )
     export.add_argument("--out", required=True, help="the folder to write the HuggingFace model to")
     export.add_argument("--step", type=int, help="the step to export (default: the latest complete one)")
     export.add_argument("--agent", type=int, default=0, help="which population member (default: 0)")
     export.add_argument("--base-model", help="the base model the run trained on (default: the agent's model_name)")
     export.add_argument("--tokenizer", help="where to load the tokenizer from (default: the base model's folder)")
+    for command in (listing, verify, export):
+        command.add_argument(
+            "--storage-option",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="an fsspec storage option for a URL path (repeatable; VALUE is parsed as JSON when it can be), "
+            'e.g. anon=true or client_kwargs=\'{"endpoint_url": "http://127.0.0.1:9000"}\'; credentials also come '
+            "from the usual environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...)",
+        )
+
+
+def parse_storage_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings as a storage_options dict; a VALUE that parses as JSON is used parsed."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _UsageError(f"--storage-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,8 +136,9 @@ def _checkpoints(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from agilerl_llm.checkpoint.catalog import list_checkpoints
+    from agilerl_llm.checkpoint.storage import basename
 
-    infos = list_checkpoints(args.path)
+    infos = list_checkpoints(args.path, parse_storage_options(args.storage_option))
     if not infos:
         print(f"no checkpoints under {args.path}")
         return EXIT_OK
@@ -108,16 +146,20 @@ def _list(args: argparse.Namespace) -> int:
     for info in infos:
         state = "complete" if info.complete else "incomplete"
         latest = "*" if info.is_latest else ""
-        print(f"{info.step:>8}  {info.size / 1e6:>10.2f}  {state:<10}  {latest:<6}  {info.folder.name}")
+        print(f"{info.step:>8}  {info.size / 1e6:>10.2f}  {state:<10}  {latest:<6}  {basename(info.folder)}")
     return EXIT_OK
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from agilerl_llm.checkpoint.catalog import local_run_path, verify_checkpoint
+    from agilerl_llm.checkpoint.catalog import run_location, verify_checkpoint
+    from agilerl_llm.checkpoint.storage import RemoteStore
 
-    if not local_run_path(args.path).is_dir():
+    options = parse_storage_options(args.storage_option)
+    location = run_location(args.path)
+    exists = RemoteStore(location, options).exists() if isinstance(location, str) else location.is_dir()
+    if not exists:
         raise _UsageError(f"no such folder: {args.path}")
-    problems = verify_checkpoint(args.path, step=args.step)
+    problems = verify_checkpoint(location, step=args.step, storage_options=options)
     if not problems:
         print("OK")
         return EXIT_OK
@@ -128,12 +170,18 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from agilerl_llm.checkpoint.catalog import list_checkpoints, local_run_path
-    from agilerl_llm.checkpoint.export import export_checkpoint
-    from agilerl_llm.checkpoint.files import read_attributes
+    from agilerl_llm.checkpoint.catalog import run_location
+
+    location = run_location(args.path)
+    if isinstance(location, str):
+        return _export_remote(args, location, parse_storage_options(args.storage_option))
+    return _export_local(args, location)
+
+
+def _export_local(args: argparse.Namespace, path: Path) -> int:
+    from agilerl_llm.checkpoint.catalog import list_checkpoints
     from agilerl_llm.checkpoint.run import STEP_PREFIX, CheckpointManager
 
-    path = local_run_path(args.path)
     if CheckpointManager.is_complete(path) and args.step is None:
         step_dir = path  # one global_step_<N> folder
     else:
@@ -153,13 +201,53 @@ def _export(args: argparse.Namespace) -> int:
     if not agent_dir.is_dir():
         agents = sorted(p.name for p in step_dir.iterdir() if p.name.startswith("agent_"))
         raise _UsageError(f"--agent {args.agent}: {agent_dir} does not exist (agents: {agents})")
-    base_model = args.base_model or _saved_base_model(read_attributes(agent_dir), agent_dir)
+    return _export_agent(args, agent_dir)
+
+
+def _export_agent(args: argparse.Namespace, agent_dir: Path, shown: str | None = None) -> int:
+    """Export the local ``agent_<I>`` folder; ``shown`` names it in messages (its URL for a downloaded one)."""
+    from agilerl_llm.checkpoint.export import export_checkpoint
+    from agilerl_llm.checkpoint.files import read_attributes
+
+    base_model = args.base_model or _saved_base_model(read_attributes(agent_dir), shown or agent_dir)
     out = export_checkpoint(agent_dir, args.out, base_model=base_model, tokenizer=args.tokenizer)
-    print(f"exported {agent_dir} (base model {base_model}) to {out}")
+    print(f"exported {shown or agent_dir} (base model {base_model}) to {out}")
     return EXIT_OK
 
 
-def _saved_base_model(saved: dict, agent_dir: Path) -> str:
+def _export_remote(args: argparse.Namespace, url: str, options: dict) -> int:
+    """Find the step folder at ``url``, download only its ``agent_<I>`` folder and export that."""
+    from agilerl_llm.checkpoint.catalog import list_checkpoints, remote_download
+    from agilerl_llm.checkpoint.run import STEP_PREFIX, TRAINER_STATE_FILE
+    from agilerl_llm.checkpoint.storage import RemoteStore, basename
+
+    store = RemoteStore(url, options)
+    if not store.exists():
+        raise _UsageError(f"no such folder: {url}")
+    step_name = basename(url)
+    if args.step is None and step_name.startswith(STEP_PREFIX) and store.isfile(TRAINER_STATE_FILE):
+        step_url = url  # one global_step_<N> folder
+    else:
+        complete = [info for info in list_checkpoints(url, options) if info.complete]
+        if not complete:
+            raise _UsageError(f"no complete {STEP_PREFIX}<N> folder under {url}")
+        if args.step is None:
+            step_url = next((info.folder for info in complete if info.is_latest), complete[-1].folder)
+        else:
+            step_url = store.url_of(f"{STEP_PREFIX}{args.step}")
+            steps = [info.step for info in complete]
+            if args.step not in steps:
+                raise _UsageError(f"--step {args.step}: {step_url} is not a complete checkpoint (complete: {steps})")
+    step_store = RemoteStore(step_url, options)
+    agent = f"agent_{args.agent}"
+    if not step_store.exists(agent):
+        agents = [name for name in step_store.listdir() if name.startswith("agent_")]
+        raise _UsageError(f"--agent {args.agent}: {step_store.url_of(agent)} does not exist (agents: {agents})")
+    with remote_download(step_url, [agent], options) as local:
+        return _export_agent(args, local / agent, shown=step_store.url_of(agent))
+
+
+def _saved_base_model(saved: dict, agent_dir: Path | str) -> str:
     """The agent's ``model_name`` when it was built from a path; otherwise ask for --base-model."""
     model_name = saved.get("attributes", {}).get("model_name")
     if not model_name:

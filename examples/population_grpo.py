@@ -1,6 +1,6 @@
 """Evolve a population of 4 GRPO agents on one shared tiny base model, on the CPU, in a few minutes.
 
-    python examples/population_grpo.py                          # configs/population.yaml (about 3-4 minutes)
+    python examples/population_grpo.py                          # configs/population.yaml (about 4 minutes)
     python examples/population_grpo.py training.max_steps=20 evolution.evo_steps=5   # any dotted override
 
 The run is ``configs/population.yaml``: a tiny model built in code gets the quickstart's warm start, then four

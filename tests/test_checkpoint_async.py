@@ -15,6 +15,7 @@ from agilerl_llm import GRPO
 from agilerl_llm.checkpoint import CheckpointConfig, CheckpointManager
 from agilerl_llm.checkpoint import agent as agent_checkpoint
 from agilerl_llm.checkpoint import files as checkpoint_files
+from agilerl_llm.checkpoint import snapshot as snapshots
 from agilerl_llm.checkpoint.run import POINTER_FILE, TRAINER_STATE_FILE
 from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.training.logging import MetricsLogger
@@ -135,13 +136,132 @@ def test_the_loop_returns_after_the_last_write(tmp_path, tiny_model_dir, tokeniz
 
 def test_snapshot_does_not_follow_later_training(tmp_path, tiny_model_dir, tokenizer):
     agent = make_agent(tiny_model_dir, tokenizer)
-    snapshot = agent_checkpoint.snapshot_checkpoint(agent, to_host=True)
+    snapshot = snapshots.snapshot_checkpoint(agent, to_host=True)
     before = {k: v.clone() for k, v in snapshot.adapters["actor"].items()}
     with torch.no_grad():
         for name, p in agent.actor.named_parameters():
             if "lora_" in name:
                 p.add_(1.0)
     assert all(torch.equal(before[k], v) for k, v in snapshot.adapters["actor"].items())
-    agent_checkpoint.write_snapshot(snapshot, tmp_path / "a")
+    snapshots.write_snapshot(snapshot, tmp_path / "a")
     agent_checkpoint.save_checkpoint(make_agent(tiny_model_dir, tokenizer), tmp_path / "b")
     assert files(tmp_path / "a") == files(tmp_path / "b")
+
+
+def _optimizer_step(agent, scale: float) -> None:
+    """A plain optimizer step on the actor's LoRA weights: moves the weights and fills the AdamW state."""
+    for name, p in agent.actor.named_parameters():
+        if "lora_" in name and p.requires_grad:
+            p.grad = torch.full_like(p, scale)
+    agent.optimizer.step()
+    agent.optimizer.zero_grad()
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_snapshot_reusing_an_earlier_one_writes_what_a_fresh_one_does(tmp_path, tiny_model_dir, tokenizer):
+    agent = make_agent(tiny_model_dir, tokenizer)
+    _optimizer_step(agent, 1.0)
+    first = snapshots.snapshot_checkpoint(agent, to_host=True)
+    first_actor = dict(first.adapters["actor"])
+    first_moments = [s["exp_avg"] for s in first.payload["optimizer"]["state"].values()]
+    _optimizer_step(agent, -2.0)
+
+    reused = snapshots.snapshot_checkpoint(agent, to_host=True, reuse=first)
+    fresh = snapshots.snapshot_checkpoint(agent, to_host=True)
+    # the earlier host tensors were overwritten in place, not reallocated ...
+    assert all(reused.adapters["actor"][k] is v for k, v in first_actor.items())
+    assert all(
+        s["exp_avg"] is m for s, m in zip(reused.payload["optimizer"]["state"].values(), first_moments, strict=True)
+    )
+    assert all(v is not fresh.adapters["actor"][k] for k, v in reused.adapters["actor"].items())
+    # ... and hold exactly what a fresh snapshot holds: the same files, byte for byte
+    snapshots.write_snapshot(reused, tmp_path / "reused")
+    snapshots.write_snapshot(fresh, tmp_path / "fresh")
+    agent_checkpoint.save_checkpoint(agent, tmp_path / "sync")
+    assert _folder_bytes(tmp_path / "reused") == _folder_bytes(tmp_path / "fresh") == _folder_bytes(tmp_path / "sync")
+
+    # still a copy: later training does not reach it
+    before = {k: v.clone() for k, v in reused.adapters["actor"].items()}
+    moments = [s["exp_avg"].clone() for s in reused.payload["optimizer"]["state"].values()]
+    _optimizer_step(agent, 3.0)
+    assert all(torch.equal(before[k], v) for k, v in reused.adapters["actor"].items())
+    assert all(
+        torch.equal(m, s["exp_avg"])
+        for m, s in zip(moments, reused.payload["optimizer"]["state"].values(), strict=True)
+    )
+
+
+def test_a_reused_snapshot_of_another_layout_falls_back_to_fresh_copies(tiny_model_dir, tokenizer):
+    agent = make_agent(tiny_model_dir, tokenizer)
+    first = snapshots.snapshot_checkpoint(agent, to_host=True)  # no optimizer state yet
+    key = next(iter(first.adapters["actor"]))
+    first.adapters["actor"][key] = torch.zeros(1)  # a tensor that does not fit
+    _optimizer_step(agent, 1.0)
+    second = snapshots.snapshot_checkpoint(agent, to_host=True, reuse=first)
+    fresh = snapshots.snapshot_checkpoint(agent, to_host=True)
+    assert second.adapters["actor"][key].shape == fresh.adapters["actor"][key].shape
+    assert all(torch.equal(v, fresh.adapters["actor"][k]) for k, v in second.adapters["actor"].items())
+    assert str(second.payload) == str(fresh.payload)  # optimizer state copied fresh where the earlier had none
+
+
+def test_the_manager_reuses_a_snapshot_only_after_its_write(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    real = checkpoint_files.save_torch
+
+    def slow_save(payload, file):  # the write of step 1 is still running when step 2 is saved
+        threading.Event().wait(0.3)
+        real(payload, file)
+
+    monkeypatch.setattr(checkpoint_files, "save_torch", slow_save)
+    agent = make_agent(tiny_model_dir, tokenizer)
+    manager = CheckpointManager(CheckpointConfig(path=tmp_path / "ck", interval=1, save_async=True))
+    _optimizer_step(agent, 1.0)
+    at_step_1 = {k: v.clone() for k, v in agent.adapters.state_dict("actor").items()}
+    manager.save(1, [agent], None)
+    buffers = dict(manager._snapshots[0].adapters["actor"])
+    _optimizer_step(agent, -5.0)
+    at_step_2 = {k: v.clone() for k, v in agent.adapters.state_dict("actor").items()}
+    manager.save(2, [agent], None)  # waits for step 1's write before overwriting its host buffers
+    assert all(manager._snapshots[0].adapters["actor"][k] is v for k, v in buffers.items())
+    manager.close()
+    assert manager._snapshots == {}
+    step_1 = load_file(str(tmp_path / "ck" / "global_step_1" / "agent_0" / "actor" / "adapter_model.safetensors"))
+    step_2 = load_file(str(tmp_path / "ck" / "global_step_2" / "agent_0" / "actor" / "adapter_model.safetensors"))
+    assert all(torch.equal(step_1[k], at_step_1[k]) for k in at_step_1)
+    assert all(torch.equal(step_2[k], at_step_2[k]) for k in at_step_2)
+    assert any(not torch.equal(step_1[k], step_2[k]) for k in step_1)
+
+
+def test_the_parameter_cache_follows_changes_to_the_module_tree():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+    named = snapshots._named_parameters(model)
+    assert named == dict(model.named_parameters())
+    assert snapshots._named_parameters(model) is named  # unchanged: cached
+
+    model[0].weight = torch.nn.Parameter(torch.zeros(3, 2))  # a parameter replaced
+    assert snapshots._named_parameters(model)["0.weight"] is model[0].weight
+    model[1] = torch.nn.Linear(3, 4)  # a submodule replaced
+    assert snapshots._named_parameters(model)["1.weight"] is model[1].weight
+    model.append(torch.nn.Linear(4, 1))  # a submodule added
+    assert "2.bias" in snapshots._named_parameters(model)
+    model[2].bias = None  # a parameter removed
+    assert snapshots._named_parameters(model) == dict(model.named_parameters())
+    model[0]._parameters["bias"] = torch.nn.Parameter(torch.ones(3))  # written directly, past the setattr path
+    assert snapshots._named_parameters(model)["0.bias"] is model[0].bias
+    assert snapshots._named_parameters(model) == dict(model.named_parameters())
+
+
+def test_the_plain_lora_config_follows_changes_to_the_config():
+    from peft import LoraConfig
+
+    config = LoraConfig(r=8, target_modules=["q_proj"])
+    first = agent_checkpoint._plain_lora_config(config)
+    assert first == checkpoint_files.plain_lora_config(config)
+    first["r"] = 99  # a copy: the cache is not reachable through it
+    assert agent_checkpoint._plain_lora_config(config)["r"] == 8
+    config.target_modules.add("v_proj")  # changed in place
+    assert agent_checkpoint._plain_lora_config(config)["target_modules"] == ["q_proj", "v_proj"]
+    config.r = 4
+    assert agent_checkpoint._plain_lora_config(config) == checkpoint_files.plain_lora_config(config)

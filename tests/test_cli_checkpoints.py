@@ -138,9 +138,10 @@ def test_usage_errors_exit_2(run_dir, tmp_path, capsys):
     assert main(["checkpoints", "list", str(tmp_path / "missing")]) == 2
     assert main(["checkpoints", "export", str(run_dir), "--step", "5", "--out", str(tmp_path / "o")]) == 2
     assert main(["checkpoints", "export", str(run_dir), "--agent", "3", "--out", str(tmp_path / "o")]) == 2
-    assert main(["checkpoints", "list", "s3://bucket/run"]) == 2
+    assert main(["checkpoints", "list", "nosuchprotocol://bucket/run"]) == 2  # URLs: tests/test_cli_checkpoints_s3.py
+    assert main(["checkpoints", "verify", "memory://no-such-run"]) == 2
     err = capsys.readouterr().err
-    assert "--step 5" in err and "--agent 3" in err and "copy the run down first" in err
+    assert "--step 5" in err and "--agent 3" in err and "nosuchprotocol" in err
     with pytest.raises(SystemExit) as exit_info:  # argparse: --out is required
         main(["checkpoints", "export", str(run_dir)])
     assert exit_info.value.code == 2

@@ -35,3 +35,33 @@ def test_readme_python_snippet_runs(tmp_path):
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert [row["step"] for row in namespace["history"] if "eval/reward" in row] == [0.0, 2.0]
+
+
+def test_population_example_prints_generations_and_saves_the_plot(tmp_path):
+    """The evolving population example, cut to 6 steps (3 generations) on a small held-out split."""
+    overrides = [
+        f"output_dir={tmp_path}",
+        "training.max_steps=6",
+        "training.evaluation_interval=2",
+        "evolution.evo_steps=2",
+        "task.num_train=64",
+        "task.num_test=8",
+        "warm_start.steps=4",
+        "algorithm.params.cosine_lr_schedule_config.num_epochs=6",
+    ]
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "population_grpo.py"), *overrides],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    # the loop prints each generation's fitness table (member, hyperparameters, fitness) ...
+    assert out.count("generation at step") == 2 and "member" in out and "temperature" in out and "fitness" in out
+    # ... and the script a fitness row per evaluation step: 0, 2, 4, 6
+    rows = out.split("held-out reward of every member at every evaluation:")[1].strip().splitlines()[1:5]
+    assert [int(row.split()[0]) for row in rows] == [0, 2, 4, 6]
+    plot = tmp_path / "fitness.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -26,20 +26,21 @@ Writes are atomic at the folder level: everything goes into a hidden sibling ``.
 renamed to ``<path>`` once complete; an existing checkpoint at ``<path>`` is moved aside and deleted only after
 that. Loads check everything they can (format, LoRA config, base-model shapes, every adapter file) before the
 first live weight changes (file names, atomic folder writes and checked reads live in ``files.py``; this module
-decides what a checkpoint holds and how it is applied). Under several processes every rank calls both functions; only the main process
-writes, and all ranks wait for it.
+decides what a checkpoint holds and how it is applied; ``snapshot.py`` captures the same content in memory for
+async saves). Under several processes every rank calls both functions; only the main process writes, and all ranks
+wait for it.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -105,98 +106,6 @@ def save_checkpoint(
             files.remove_folder(staging)
         raise
     dist.wait()
-
-
-@dataclass
-class AgentSnapshot:
-    """What ``save_checkpoint`` writes for one agent, captured in memory (see ``snapshot_checkpoint``)."""
-
-    payload: dict[str, Any]
-    adapters: dict[str, dict[str, torch.Tensor]]
-    lora_config: Any
-
-
-def snapshot_checkpoint(
-    agent: LLMAlgorithm, lora_only: bool = True, save_optimizer: bool = True, to_host: bool = True
-) -> AgentSnapshot:
-    """Capture what ``save_checkpoint`` would write, without touching the disk (every rank calls it).
-
-    With ``to_host`` every tensor is copied to CPU memory and every container copied, so the snapshot stays
-    fixed while training goes on and ``write_snapshot`` can run in another thread. Not for agents with a
-    DeepSpeed engine that saves the optimizer (the engine writes its own state, collectively).
-    """
-    dist = _Distribution(agent)
-    if dist.engine is not None and save_optimizer:
-        raise ValueError("a DeepSpeed engine writes its optimizer state itself; use save_checkpoint instead.")
-    named = dict(agent.actor.named_parameters())  # walked once: base shapes and adapter weights
-    payload = _attributes_payload(agent, lora_only, save_optimizer, engine_saves=False, named=named)
-    adapters = (_adapter_weights_fast(agent, named) or _adapter_weights(agent)) if lora_only else {}
-    if to_host:
-        payload = _host_copy(payload)
-        adapters = {name: {k: v.to("cpu") for k, v in weights.items()} for name, weights in adapters.items()}
-    # The live LoRA config, not a copy: it never changes after the agent is built, and copying its target_modules
-    # set could reorder it, so adapter_config.json would differ from a synchronous save's.
-    return AgentSnapshot(payload=payload, adapters=adapters, lora_config=agent.lora_config)
-
-
-def write_snapshot(snapshot: AgentSnapshot, path: str | os.PathLike) -> None:
-    """Write a snapshot to the folder ``path`` exactly as ``save_checkpoint`` would (same files, same atomic
-    staging + rename). Pure file I/O in the calling process: no collective calls, safe in a background thread."""
-    path = Path(path)
-    staging = path.with_name(f".{path.name}.incomplete")
-    files.check_target(path)
-    files.remove_folder(staging)
-    staging.mkdir(parents=True)
-    try:
-        files.save_torch(snapshot.payload, staging / ATTRIBUTES_FILE)
-        for name, weights in snapshot.adapters.items():
-            files.write_adapter(staging / name, weights, snapshot.lora_config)
-        files.publish(staging, path)
-    except BaseException:
-        files.remove_folder(staging)
-        raise
-
-
-# actor module -> (its LoRA parameter names, [(adapter, PEFT key, parameter name)] in PEFT's order)
-_ADAPTER_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _adapter_weights_fast(
-    agent: LLMAlgorithm, named: dict[str, torch.nn.Parameter]
-) -> dict[str, dict[str, torch.Tensor]] | None:
-    """``_adapter_weights`` as host copies, without PEFT's state-dict walk (tens of ms per adapter): PEFT's key for each LoRA
-    parameter is worked out once per model and reused while the model's LoRA parameter names are unchanged.
-    None when that does not apply (ZeRO-3 partitioned parameters, or PEFT keys that are not plain parameters)."""
-    named = {n: p for n, p in named.items() if "lora_" in n or ".modules_to_save." in n}
-    if any(hasattr(p, "ds_id") for p in named.values()):
-        return None
-    cached = _ADAPTER_KEYS.get(agent.actor)
-    if cached is None or cached[0] != frozenset(named):
-        by_storage = {(p.data_ptr(), tuple(p.shape), p.stride()): n for n, p in named.items()}
-        order = []
-        for adapter in agent.adapter_names():
-            for key, tensor in agent.adapters.state_dict(adapter).items():
-                name = by_storage.get((tensor.data_ptr(), tuple(tensor.shape), tensor.stride()))
-                if name is None:
-                    return None
-                order.append((adapter, key, name))
-        cached = (frozenset(named), order)
-        _ADAPTER_KEYS[agent.actor] = cached
-    weights: dict[str, dict[str, torch.Tensor]] = {adapter: {} for adapter in agent.adapter_names()}
-    for adapter, key, name in cached[1]:
-        weights[adapter][key] = named[name].detach().to("cpu", copy=True).contiguous()  # a host copy
-    return weights
-
-
-def _host_copy(value: Any) -> Any:
-    """A copy of plain data with every tensor copied to CPU (nothing shared with the live training state)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if type(value) in (dict, OrderedDict):
-        return type(value)((k, _host_copy(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-        return type(value)(_host_copy(v) for v in value)
-    return copy.deepcopy(value)
 
 
 def save_llm_checkpoint(agent: LLMAlgorithm, path: str | os.PathLike) -> None:
@@ -317,7 +226,7 @@ def _attributes_payload(
         "algorithm": type(agent).__name__,
         "attributes": agent.inspect_attributes(agent),
         "adapters": list(agent.adapter_names()),
-        "lora_config": files.plain_lora_config(agent.lora_config),
+        "lora_config": _plain_lora_config(agent.lora_config),
         "base_shapes": _base_shapes(agent, named),
         "lora_only": lora_only,
         "engine_checkpoint": engine_saves,
@@ -332,6 +241,27 @@ def _attributes_payload(
     return payload
 
 
+# id(config) -> (config, a deep copy of its attributes, JSON of files.plain_lora_config(config)); the newest few.
+# Holding the config keeps its id from being reused while it is cached.
+_PLAIN_LORA_CONFIGS: OrderedDict[int, tuple[Any, dict[str, Any], str]] = OrderedDict()
+
+
+def _plain_lora_config(config: Any) -> dict[str, Any]:
+    """``files.plain_lora_config(config)``, a fresh copy each call; converted again (PEFT's ``to_dict`` is a
+    dataclass walk, a good part of a millisecond) only when the config's attributes differ from the last time."""
+    attributes = getattr(config, "__dict__", None)
+    if attributes is None:
+        return files.plain_lora_config(config)
+    cached = _PLAIN_LORA_CONFIGS.get(id(config))
+    if cached is None or cached[0] is not config or cached[1] != attributes:
+        cached = (config, copy.deepcopy(attributes), json.dumps(files.plain_lora_config(config)))
+        _PLAIN_LORA_CONFIGS[id(config)] = cached
+        while len(_PLAIN_LORA_CONFIGS) > 16:
+            _PLAIN_LORA_CONFIGS.popitem(last=False)
+    _PLAIN_LORA_CONFIGS.move_to_end(id(config))
+    return json.loads(cached[2])  # JSON data survives the round trip unchanged
+
+
 def _adapter_weights(agent: LLMAlgorithm) -> dict[str, dict[str, torch.Tensor]]:
     with _gathered(_lora_parameters(agent)):
         return {
@@ -341,19 +271,28 @@ def _adapter_weights(agent: LLMAlgorithm) -> dict[str, dict[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------------------------------- reading and checks
+# actor module -> (the parameter dict it was worked out from, [(plain name, base parameter)])
+_BASE_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _base_shapes(agent: LLMAlgorithm, named: dict[str, torch.nn.Parameter] | None = None) -> dict[str, list[int]]:
     """Shapes of the frozen base model's parameters (ZeRO-3 aware): the fingerprint of the base model.
 
     Names are those of the plain model: PEFT's wrappers (``base_layer``, ``original_module``) are dropped, so the
-    fingerprint does not depend on which modules LoRA targets.
+    fingerprint does not depend on which modules LoRA targets. With ``named`` (from ``_named_parameters``, cached)
+    the name filtering is cached too; the shapes are read afresh every time.
     """
-    shapes = {}
-    for name, parameter in agent.actor.named_parameters() if named is None else named.items():
-        if "lora_" in name or ".modules_to_save." in name:
-            continue
-        plain = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-        shapes[plain] = list(getattr(parameter, "ds_shape", parameter.shape))
-    return shapes
+    cached = _BASE_PARAMETERS.get(agent.actor) if named is not None else None
+    if cached is None or cached[0] is not named:
+        base = [
+            (name.replace(".base_layer.", ".").replace(".original_module.", "."), parameter)
+            for name, parameter in (agent.actor.named_parameters() if named is None else named.items())
+            if "lora_" not in name and ".modules_to_save." not in name
+        ]
+        cached = (named, base)
+        if named is not None:
+            _BASE_PARAMETERS[agent.actor] = cached
+    return {plain: list(getattr(parameter, "ds_shape", parameter.shape)) for plain, parameter in cached[1]}
 
 
 def _check_base_shapes(saved: dict[str, list[int]], agent: LLMAlgorithm) -> None:

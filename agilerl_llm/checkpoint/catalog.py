@@ -1,7 +1,10 @@
 """Inspect run checkpoints on disk: list the step folders of a run and verify that they can be read back.
 
-Both work on the layout ``CheckpointManager`` writes (see ``agilerl_llm.checkpoint.run``) and on local folders
-only. Nothing here changes a file.
+Both work on the layout ``CheckpointManager`` writes (see ``agilerl_llm.checkpoint.run``), in a local folder or
+at an fsspec URL (``s3://``, ``gs://``, ``memory://``...; ``storage_options`` as for ``CheckpointConfig``). Listing
+a URL reads only the listing and the latest pointer; verifying one downloads the step folders it checks into a
+temporary local folder (removed afterwards) and names the remote files in its problems. Nothing here changes a
+file.
 """
 
 from __future__ import annotations
@@ -9,14 +12,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from agilerl_llm.checkpoint.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ATTRIBUTES_FILE
 from agilerl_llm.checkpoint.run import POINTER_FILE, RNG_FILE, STEP_PREFIX, TRAINER_STATE_FILE, CheckpointManager
+from agilerl_llm.checkpoint.storage import RemoteStore, basename, is_remote, normalize_location
 from agilerl_llm.model.adapters import ADAPTER_NAMES
 
 # Keys every trainer_state.json holds (written by CheckpointManager.save).
@@ -35,14 +43,15 @@ class StepInfo:
 
     Attributes:
         step: the global step in its name.
-        folder: its path (a hidden ``.global_step_<N>.incomplete`` folder for an interrupted save).
+        folder: its path (a hidden ``.global_step_<N>.incomplete`` folder for an interrupted save); a URL string
+            for a run on an fsspec filesystem.
         size: bytes of all files below it.
         complete: it has its final name and ``trainer_state.json`` (written last), so a resume may use it.
         is_latest: it is the step a resume with resume="latest" would continue from.
     """
 
     step: int
-    folder: Path
+    folder: Path | str
     size: int
     complete: bool
     is_latest: bool
@@ -59,10 +68,24 @@ def local_run_path(path: str | os.PathLike) -> Path:
     return Path(text.removeprefix("file://"))
 
 
-def list_checkpoints(path: str | os.PathLike) -> list[StepInfo]:
+def run_location(path: str | os.PathLike) -> Path | str:
+    """``path`` as a local ``Path`` (``file://`` stripped) or a remote URL string (its protocol checked)."""
+    text = os.fspath(path)
+    if is_remote(text):
+        return normalize_location(text, "path")
+    return local_run_path(text)
+
+
+def list_checkpoints(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
     """Every step folder under the run folder ``path``, complete or not, ascending by step (complete first on
-    ties, e.g. a leftover ``.global_step_<N>.incomplete`` next to the finished ``global_step_<N>``)."""
-    path = local_run_path(path)
+    ties, e.g. a leftover ``.global_step_<N>.incomplete`` next to the finished ``global_step_<N>``).
+
+    ``path`` may be a URL (``storage_options`` for its filesystem): then one recursive listing gives the folders,
+    their sizes and which are complete, and only the latest pointer file is read."""
+    location = run_location(path)
+    if isinstance(location, str):
+        return _list_remote(RemoteStore(location, storage_options))
+    path = location
     if not path.is_dir():
         raise FileNotFoundError(f"No run checkpoint folder at {path}.")
     latest = _latest_step(path)
@@ -76,10 +99,73 @@ def list_checkpoints(path: str | os.PathLike) -> list[StepInfo]:
         step = int(match.group(1))
         complete = CheckpointManager.is_complete(entry)
         found.append(StepInfo(step, entry, _folder_size(entry), complete, complete and step == latest))
-    return sorted(found, key=lambda info: (info.step, not info.complete, info.folder.name))
+    return _sorted(found)
 
 
-def verify_checkpoint(path: str | os.PathLike, step: int | None = None) -> list[str]:
+def _sorted(found: list[StepInfo]) -> list[StepInfo]:
+    return sorted(found, key=lambda info: (info.step, not info.complete, basename(info.folder)))
+
+
+def _list_remote(store: RemoteStore) -> list[StepInfo]:
+    if not store.exists():
+        raise FileNotFoundError(f"No run checkpoint folder at {store.url}.")
+    store.fs.invalidate_cache()
+    root = store.full().rstrip("/") + "/"
+    sizes: dict[str, int] = {}
+    marked: set[str] = set()
+    for file, info in store.fs.find(store.full(), detail=True).items():
+        relative = file[len(root) :] if file.startswith(root) else None
+        if not relative or "/" not in relative or info.get("type") == "directory":
+            continue
+        folder, rest = relative.split("/", 1)
+        sizes[folder] = sizes.get(folder, 0) + int(info.get("size") or 0)
+        if rest == TRAINER_STATE_FILE:
+            marked.add(folder)
+    complete_steps = sorted(int(m.group(1)) for name in marked if (m := _STEP_RE.match(name)))
+    latest = _pick_latest(store.read_text(POINTER_FILE), complete_steps)
+    found = []
+    for name, size in sizes.items():
+        match = _STEP_RE.match(name) or _TEMP_STEP_RE.match(name)
+        if match is None:
+            continue
+        step = int(match.group(1))
+        complete = _STEP_RE.match(name) is not None and name in marked
+        found.append(StepInfo(step, store.url_of(name), size, complete, complete and step == latest))
+    return _sorted(found)
+
+
+def _pick_latest(pointer_text: str | None, complete_steps: list[int]) -> int | None:
+    """The pointer's step when it names a complete folder, else the newest complete step."""
+    try:
+        step = int((pointer_text or "").strip())
+    except ValueError:
+        step = None
+    if step is not None and step in complete_steps:
+        return step
+    return complete_steps[-1] if complete_steps else None
+
+
+@contextmanager
+def remote_download(url: str, names: list[str], storage_options: dict[str, Any] | None = None) -> Iterator[Path]:
+    """A temporary local folder holding the files and folders ``names`` (relative to ``url``; missing ones are
+    skipped), removed on exit."""
+    store = RemoteStore(url, storage_options)
+    with tempfile.TemporaryDirectory(prefix="agilerl_llm_ckpt_") as temp:
+        local = Path(temp) / basename(url)
+        local.mkdir()
+        for name in names:
+            if store.isfile(name):
+                target = local / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                store.fs.get_file(store.full(name), str(target))
+            elif store.exists(name):
+                store.get_dir(name, local / name)
+        yield local
+
+
+def verify_checkpoint(
+    path: str | os.PathLike, step: int | None = None, storage_options: dict[str, Any] | None = None
+) -> list[str]:
     """Problems that would stop a resume or an export; an empty list means everything checked is readable.
 
     ``path`` is a run folder (every complete step folder is checked, plus the latest pointer) or one
@@ -88,8 +174,15 @@ def verify_checkpoint(path: str | os.PathLike, step: int | None = None) -> list[
     attributes.pt loads with ``torch.load(weights_only=True)``; every adapter folder has a valid
     adapter_config.json and an adapter_model.safetensors whose tensors all read; the RNG files read; the
     pointer names a complete folder.
+
+    A URL ``path`` (``storage_options`` for its filesystem) is downloaded first: the step folder checked, or
+    every complete step folder and the pointer of a run, into a temporary local folder; problems name the
+    remote files.
     """
-    path = local_run_path(path)
+    location = run_location(path)
+    if isinstance(location, str):
+        return _verify_remote(location, step, storage_options)
+    path = location
     if _STEP_RE.match(path.name) and step is None:
         if not path.is_dir():
             return [f"{path}: no such step folder."]
@@ -113,6 +206,39 @@ def verify_checkpoint(path: str | os.PathLike, step: int | None = None) -> list[
         problems.extend(_verify_step(path / f"{STEP_PREFIX}{complete_step}"))
     problems.extend(_verify_pointer(path, steps))
     return problems
+
+
+def _verify_remote(url: str, step: int | None, storage_options: dict[str, Any] | None) -> list[str]:
+    store = RemoteStore(url, storage_options)
+    if _STEP_RE.match(basename(url)) and step is None:
+        if not store.exists():
+            return [f"{url}: no such step folder."]
+        if not store.isfile(TRAINER_STATE_FILE):
+            return [f"{url}: incomplete step folder ({TRAINER_STATE_FILE} is missing; an interrupted save?)."]
+        parent, name = url.rsplit("/", 1)
+        with remote_download(parent, [name], storage_options) as local:
+            return _to_remote(verify_checkpoint(local / name), local, parent)
+    if not store.exists():
+        return [f"{url}: no such run folder."]
+    complete = [info.step for info in _list_remote(store) if info.complete]
+    if step is not None:
+        name = f"{STEP_PREFIX}{step}"
+        if not store.exists(name):
+            return [f"{store.url_of(name)}: no such step folder (complete steps: {complete})."]
+        if step not in complete:
+            return [
+                f"{store.url_of(name)}: incomplete step folder ({TRAINER_STATE_FILE} is missing; an interrupted save?)."
+            ]
+        with remote_download(url, [name], storage_options) as local:
+            return _to_remote(_verify_step(local / name), local, url)
+    names = [f"{STEP_PREFIX}{s}" for s in complete] + [POINTER_FILE]
+    with remote_download(url, names, storage_options) as local:
+        return _to_remote(verify_checkpoint(local), local, url)
+
+
+def _to_remote(problems: list[str], local: Path, url: str) -> list[str]:
+    """Problems with the temporary local folder ``local`` replaced by the URL it was downloaded from."""
+    return [problem.replace(str(local), url.rstrip("/")) for problem in problems]
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -228,13 +354,10 @@ def _complete_steps(path: Path) -> list[int]:
 def _latest_step(path: Path) -> int | None:
     """The step a resume would pick: the pointer's when it names a complete folder, else the newest complete."""
     try:
-        step = int((path / POINTER_FILE).read_text().strip())
-    except (OSError, UnicodeDecodeError, ValueError):
-        step = None
-    if step is not None and CheckpointManager.is_complete(path / f"{STEP_PREFIX}{step}"):
-        return step
-    steps = _complete_steps(path)
-    return steps[-1] if steps else None
+        pointer_text = (path / POINTER_FILE).read_text()
+    except (OSError, UnicodeDecodeError):
+        pointer_text = None
+    return _pick_latest(pointer_text, _complete_steps(path))
 
 
 def _folder_size(folder: Path) -> int:

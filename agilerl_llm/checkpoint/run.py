@@ -43,9 +43,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 
-from agilerl_llm.checkpoint.agent import AgentSnapshot, _Distribution, snapshot_checkpoint, write_snapshot
+from agilerl_llm.checkpoint.agent import _Distribution
 from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
 from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
+from agilerl_llm.checkpoint.snapshot import AgentSnapshot, snapshot_checkpoint, write_snapshot
 from agilerl_llm.checkpoint.storage import (
     RemoteStore,
     basename,
@@ -159,6 +160,9 @@ class CheckpointManager:
             raise NotADirectoryError(f"checkpoint path {self.path} exists and is not a folder.")
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        # The last async snapshot of each population slot, kept so that the next one can reuse its host buffers.
+        # Only ever reused after ``wait()``: by then the write that read it is over.
+        self._snapshots: dict[int, AgentSnapshot] = {}
         if self._is_main:
             if self._store is None:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -341,10 +345,15 @@ class CheckpointManager:
         self._wait()
         save_async = self.config.save_async and self._can_snapshot(pop)
         snapshots: list[AgentSnapshot] = []
+        # The previous snapshots are overwritten below; the write that read them must be over (``wait()`` above).
+        assert self._pending is None, "a background write is still in flight"
         for i, agent in enumerate(pop):
             if save_async:  # without an engine there is nothing collective to do: only the main process writes
                 if self._is_main:
-                    snapshots.append(snapshot_checkpoint(agent, lora_only=True, save_optimizer=True, to_host=True))
+                    previous = self._snapshots.pop(i, None)
+                    snapshots.append(
+                        snapshot_checkpoint(agent, lora_only=True, save_optimizer=True, to_host=True, reuse=previous)
+                    )
             else:
                 save_agent_checkpoint(agent, staging / f"agent_{i}", lora_only=True, save_optimizer=True)
         rng_tensors, rng_json = _capture_rng()
@@ -368,6 +377,7 @@ class CheckpointManager:
                 }
             )
             if save_async:
+                self._snapshots = dict(enumerate(snapshots))  # host buffers for the next save, once this write is done
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
                 self._pending = self._executor.submit(
@@ -445,6 +455,7 @@ class CheckpointManager:
                 except Exception:
                     pass
         finally:
+            self._snapshots = {}  # the host copies kept for reuse
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None

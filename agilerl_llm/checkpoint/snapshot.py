@@ -1,0 +1,289 @@
+"""In-memory snapshots of an agent checkpoint, for saving in a background thread (``save_async``).
+
+``snapshot_checkpoint`` captures exactly what ``save_checkpoint`` (``agent.py``) would write: the attributes payload
+(hyperparameters, optimizer and LR-schedule state) and the adapter weights, copied to host memory so training can go
+on while ``write_snapshot`` writes them with the same files, bytes and atomic staging as a synchronous save.
+
+The copy is the part of a save the training loop waits for, so it is kept short: the previous snapshot's host
+tensors are reused as destinations when they fit (one batched copy instead of fresh allocations), and the walk over
+the model's parameters is cached per module tree and revalidated cheaply before each use.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from agilerl_llm.checkpoint import files
+from agilerl_llm.checkpoint.agent import _adapter_weights, _attributes_payload, _Distribution
+from agilerl_llm.checkpoint.files import ATTRIBUTES_FILE
+
+if TYPE_CHECKING:
+    from agilerl_llm.algorithms.base import LLMAlgorithm
+
+
+@dataclass
+class AgentSnapshot:
+    """What ``save_checkpoint`` writes for one agent, captured in memory (see ``snapshot_checkpoint``)."""
+
+    payload: dict[str, Any]
+    adapters: dict[str, dict[str, torch.Tensor]]
+    lora_config: Any
+
+
+def snapshot_checkpoint(
+    agent: LLMAlgorithm,
+    lora_only: bool = True,
+    save_optimizer: bool = True,
+    to_host: bool = True,
+    reuse: AgentSnapshot | None = None,
+) -> AgentSnapshot:
+    """Capture what ``save_checkpoint`` would write, without touching the disk (every rank calls it).
+
+    With ``to_host`` every tensor is copied to CPU memory and every container copied, so the snapshot stays
+    fixed while training goes on and ``write_snapshot`` can run in another thread. Not for agents with a
+    DeepSpeed engine that saves the optimizer (the engine writes its own state, collectively).
+
+    ``reuse``: an earlier host snapshot whose tensors may be overwritten to hold this one (each tensor of the same
+    place, shape, dtype and strides is filled with ``copy_`` instead of a fresh allocation; anything else is copied
+    fresh). The earlier snapshot is clobbered: pass one only when nothing reads it any more (its write is done).
+    """
+    dist = _Distribution(agent)
+    if dist.engine is not None and save_optimizer:
+        raise ValueError("a DeepSpeed engine writes its optimizer state itself; use save_checkpoint instead.")
+    named = _named_parameters(agent.actor)  # base shapes and adapter weights, without a module walk per save
+    payload = _attributes_payload(agent, lora_only, save_optimizer, engine_saves=False, named=named)
+    reuse = reuse if to_host else None
+    copier = _HostCopier()  # copies into the reused tensors, all at once at the end
+    adapters: dict[str, dict[str, torch.Tensor]] | None = {}
+    if lora_only:  # the fast path's weights are host copies already
+        adapters = _adapter_weights_fast(agent, named, reuse.adapters if reuse is not None else None, copier)
+        if adapters is None:
+            adapters = _adapter_weights(agent)
+            if to_host:
+                adapters = {name: {k: v.to("cpu") for k, v in weights.items()} for name, weights in adapters.items()}
+    if to_host:
+        payload = _host_copy(payload, reuse.payload if reuse is not None else None, copier)
+    copier.flush()
+    # The live LoRA config, not a copy: it never changes after the agent is built, and copying its target_modules
+    # set could reorder it, so adapter_config.json would differ from a synchronous save's.
+    return AgentSnapshot(payload=payload, adapters=adapters, lora_config=agent.lora_config)
+
+
+def write_snapshot(snapshot: AgentSnapshot, path: str | os.PathLike) -> None:
+    """Write a snapshot to the folder ``path`` exactly as ``save_checkpoint`` would (same files, same atomic
+    staging + rename). Pure file I/O in the calling process: no collective calls, safe in a background thread."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.incomplete")
+    files.check_target(path)
+    files.remove_folder(staging)
+    staging.mkdir(parents=True)
+    try:
+        files.save_torch(snapshot.payload, staging / ATTRIBUTES_FILE)
+        for name, weights in snapshot.adapters.items():
+            files.write_adapter(staging / name, weights, snapshot.lora_config)
+        files.publish(staging, path)
+    except BaseException:
+        files.remove_folder(staging)
+        raise
+
+
+@dataclass
+class _ParameterCache:
+    """``module.named_parameters()`` of one actor, and the module tree it was read from: every ``_modules`` and
+    ``_parameters`` dict met on the way, its size and its entries (no reference to the actor itself)."""
+
+    named: dict[str, torch.nn.Parameter]
+    containers: list[dict[str, Any]]
+    sizes: list[int]
+    entry_containers: list[dict[str, Any]]
+    entry_keys: list[str]
+    entry_values: list[Any]  # held, so that their ids stay theirs
+    entry_ids: list[int]
+
+    @classmethod
+    def read(cls, module: torch.nn.Module) -> _ParameterCache:
+        containers = [c for m in module.modules() for c in (m._modules, m._parameters)]
+        entries = [(c, k, v) for c in containers for k, v in c.items()]
+        return cls(
+            named=dict(module.named_parameters()),
+            containers=containers,
+            sizes=list(map(len, containers)),
+            entry_containers=[c for c, _, _ in entries],
+            entry_keys=[k for _, k, _ in entries],
+            entry_values=[v for _, _, v in entries],
+            entry_ids=[id(v) for _, _, v in entries],
+        )
+
+    def holds(self) -> bool:
+        """Whether the tree is unchanged: no submodule or parameter added, removed or replaced anywhere in it.
+        (Compared by id: the cache holds every old entry, so no new object can have an old one's id.)"""
+        return list(map(len, self.containers)) == self.sizes and (
+            list(map(id, map(dict.get, self.entry_containers, self.entry_keys))) == self.entry_ids
+        )
+
+
+# actor module -> its _ParameterCache
+_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """``dict(module.named_parameters())``, cached per module while its module tree is unchanged: a PEFT model has
+    about a thousand modules, and checking every submodule and parameter entry by identity (a few C-level passes)
+    is several times cheaper than the walk that builds the names."""
+    cached = _PARAMETERS.get(module)
+    if cached is None or not cached.holds():
+        cached = _ParameterCache.read(module)
+        _PARAMETERS[module] = cached
+    return cached.named
+
+
+# actor module -> (its LoRA parameter names, [(adapter, PEFT key, parameter name)] in PEFT's order)
+_ADAPTER_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _adapter_weights_fast(
+    agent: LLMAlgorithm,
+    named: dict[str, torch.nn.Parameter],
+    reuse: dict[str, dict[str, torch.Tensor]] | None = None,
+    copier: _HostCopier | None = None,
+) -> dict[str, dict[str, torch.Tensor]] | None:
+    """``_adapter_weights`` as host copies, without PEFT's state-dict walk (tens of ms per adapter): PEFT's key for each LoRA
+    parameter is worked out once per model and reused while the model's LoRA parameter names are unchanged.
+    None when that does not apply (ZeRO-3 partitioned parameters, or PEFT keys that are not plain parameters).
+    ``reuse``: earlier host copies (same layout) to overwrite instead of allocating (see ``snapshot_checkpoint``);
+    with ``copier`` those copies are only queued (its ``flush()`` does them)."""
+    cached = _ADAPTER_KEYS.get(agent.actor)
+    if cached is None or cached[0] is not named:
+        lora = {n: p for n, p in named.items() if "lora_" in n or ".modules_to_save." in n}
+        if cached is None or cached[1] != frozenset(lora):
+            order = _adapter_order(agent, lora)
+            if order is None:
+                return None
+        else:
+            order = cached[2]
+        cached = (named, frozenset(lora), order, [p for _, _, n in order for p in (lora[n],)])
+        _ADAPTER_KEYS[agent.actor] = cached
+    if any(hasattr(p, "ds_id") for p in cached[3]):
+        return None
+    reuse = reuse or {}
+    own = copier is None
+    copier = _HostCopier() if own else copier
+    weights: dict[str, dict[str, torch.Tensor]] = {adapter: {} for adapter in agent.adapter_names()}
+    for (adapter, key, _), parameter in zip(cached[2], cached[3], strict=True):
+        weights[adapter][key] = copier.tensor(parameter, reuse.get(adapter, {}).get(key), contiguous=True)
+    if own:
+        copier.flush()
+    return weights
+
+
+def _adapter_order(agent: LLMAlgorithm, lora: dict[str, torch.nn.Parameter]) -> list[tuple[str, str, str]] | None:
+    """[(adapter, PEFT key, parameter name)] in PEFT's state-dict order; None when a key is not a plain parameter."""
+    if any(hasattr(p, "ds_id") for p in lora.values()):
+        return None
+    by_storage = {(p.data_ptr(), tuple(p.shape), p.stride()): n for n, p in lora.items()}
+    order = []
+    for adapter in agent.adapter_names():
+        for key, tensor in agent.adapters.state_dict(adapter).items():
+            name = by_storage.get((tensor.data_ptr(), tuple(tensor.shape), tensor.stride()))
+            if name is None:
+                return None
+            order.append((adapter, key, name))
+    return order
+
+
+def _fits(old: Any, value: torch.Tensor) -> bool:
+    """Whether the earlier host copy ``old`` can be overwritten with ``value`` and end up exactly as a fresh
+    ``value.detach().to("cpu", copy=True)`` would be (same shape, dtype and strides; a separate, compact CPU tensor)."""
+    return (
+        isinstance(old, torch.Tensor)
+        and old.is_cpu
+        and old.dtype == value.dtype
+        and old.shape == value.shape
+        and old.stride() == value.stride()
+        and old.storage_offset() == 0
+        and old.untyped_storage().nbytes() == old.numel() * old.element_size()  # written whole by torch.save
+        and not old.requires_grad
+        and old is not value
+    )
+
+
+class _HostCopier:
+    """Copies tensors to host memory, into earlier copies where they fit (``_fits``), else into fresh tensors.
+
+    Copies into earlier tensors are queued and done by ``flush()`` in one ``torch._foreach_copy_`` call (hundreds
+    of small optimizer and LoRA tensors: per-call overhead, not bandwidth, dominates a copy_ loop)."""
+
+    def __init__(self) -> None:
+        self.targets: list[torch.Tensor] = []
+        self.sources: list[torch.Tensor] = []
+        self.taken: set[int] = set()  # ids of the targets: an earlier tensor is reused for one place only
+
+    def tensor(self, value: torch.Tensor, old: Any = None, contiguous: bool = False) -> torch.Tensor:
+        if (
+            old is not None
+            and _fits(old, value)
+            and (not contiguous or old.is_contiguous())
+            and id(old) not in self.taken
+        ):
+            self.taken.add(id(old))
+            self.targets.append(old)
+            self.sources.append(value)  # flush() copies under no_grad
+            return old  # filled by flush()
+        fresh = value.detach().to("cpu", copy=True)
+        return fresh.contiguous() if contiguous else fresh
+
+    def flush(self) -> None:
+        targets, sources, self.targets, self.sources, self.taken = self.targets, self.sources, [], [], set()
+        if not targets:
+            return
+        with torch.no_grad():
+            if hasattr(torch, "_foreach_copy_"):
+                torch._foreach_copy_(targets, sources)
+            else:
+                for target, source in zip(targets, sources, strict=True):
+                    target.copy_(source)
+
+
+_IMMUTABLE = (int, float, bool, str, bytes, type(None))
+
+
+def _host_copy(value: Any, reuse: Any = None, copier: _HostCopier | None = None) -> Any:
+    """A copy of plain data with every tensor copied to CPU (nothing shared with the live training state).
+
+    ``reuse``: an earlier result for data of the same structure; its tensors are overwritten where they fit
+    (``_fits``) instead of allocating fresh ones. With ``copier`` those copies are only queued: call its
+    ``flush()`` before the result is read."""
+    if copier is None:
+        copier = _HostCopier()
+        result = _host_copy(value, reuse, copier)
+        copier.flush()
+        return result
+    if isinstance(value, torch.Tensor):
+        return copier.tensor(value, reuse)
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind in (dict, OrderedDict):  # leaves handled inline: optimizer state is hundreds of small dicts
+        old = reuse if type(reuse) is kind else {}
+        result = kind()
+        for k, v in value.items():
+            if type(v) in _IMMUTABLE:
+                result[k] = v
+            elif isinstance(v, torch.Tensor):
+                result[k] = copier.tensor(v, old.get(k))
+            else:
+                result[k] = _host_copy(v, old.get(k), copier)
+        return result
+    if kind in (list, tuple):
+        if type(reuse) is not kind or len(reuse) != len(value):
+            reuse = (None,) * len(value)
+        return kind(_host_copy(v, r, copier) for v, r in zip(value, reuse, strict=True))
+    return copy.deepcopy(value)
