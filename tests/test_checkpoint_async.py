@@ -8,39 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import arithmetic_env, tiny_grpo
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from agilerl_llm import GRPO
 from agilerl_llm.checkpoint import CheckpointConfig, CheckpointManager
 from agilerl_llm.checkpoint import agent as agent_checkpoint
 from agilerl_llm.checkpoint import files as checkpoint_files
 from agilerl_llm.checkpoint import snapshot as snapshots
 from agilerl_llm.checkpoint.run import POINTER_FILE, TRAINER_STATE_FILE
-from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.training.logging import MetricsLogger
 from agilerl_llm.training.reasoning import finetune_llm_reasoning
 
-DATA = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(0, 50, 10) for b in range(3)]
-
 
 def make_agent(model_dir, tokenizer):
-    return GRPO(
-        tokenizer.pad_token_id,
-        tokenizer.pad_token,
-        actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
-        group_size=2,
-        batch_size=2,
-        max_output_tokens=3,
-        lr=5e-2,
-        seed=1,
-        gradient_checkpointing=False,
-    )
+    return tiny_grpo(model_dir, tokenizer, lr=5e-2)
 
 
 def make_env(tokenizer):
-    reward = lambda completion, answer, prompt: sum(map(ord, completion)) % 7 / 7  # noqa: E731
-    return ReasoningGym(DATA[:10], DATA[10:], tokenizer, reward, data_batch_size_per_gpu=2, seed=5)
+    return arithmetic_env(tokenizer)
 
 
 def run(model_dir, tokenizer, path: Path, save_async: bool, max_steps: int = 4):

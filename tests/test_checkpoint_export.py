@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_grpo
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agilerl_llm import GRPO
 from agilerl_llm.checkpoint import CheckpointError
 from agilerl_llm.checkpoint.export import export_checkpoint, export_policy
 from agilerl_llm.testing import save_tiny_model
@@ -18,17 +18,7 @@ TEXTS = ["1+2=3", "10+20=30 and more", "<|user|>7*6=<|eos|><|assistant|>42"]
 
 
 def make_agent(model_dir, tokenizer, gradient_checkpointing=False):
-    return GRPO(
-        tokenizer.pad_token_id,
-        tokenizer.pad_token,
-        actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
-        group_size=2,
-        batch_size=2,
-        max_output_tokens=3,
-        lr=1e-2,
-        seed=1,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    return tiny_grpo(model_dir, tokenizer, gradient_checkpointing=gradient_checkpointing)
 
 
 @torch.no_grad()

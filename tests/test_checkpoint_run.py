@@ -14,35 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import arithmetic_env, tiny_grpo
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from agilerl_llm import GRPO
 from agilerl_llm.checkpoint import CheckpointConfig, CheckpointManager
 from agilerl_llm.checkpoint.run import POINTER_FILE, TRAINER_STATE_FILE
-from agilerl_llm.envs.reasoning import ReasoningGym
 
 WORKER = Path(__file__).parent / "distributed" / "resume_worker.py"
-DATA = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(0, 50, 10) for b in range(3)]
 
 
 def make_agent(model_dir, tokenizer, seed=1):
-    return GRPO(
-        tokenizer.pad_token_id,
-        tokenizer.pad_token,
-        actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
-        group_size=2,
-        batch_size=2,
-        max_output_tokens=3,
-        lr=1e-2,
-        seed=seed,
-        gradient_checkpointing=False,
-    )
+    return tiny_grpo(model_dir, tokenizer, seed=seed)
 
 
 def make_env(tokenizer):
-    return ReasoningGym(DATA[:10], DATA[10:], tokenizer, lambda c, a, p: 0.0, data_batch_size_per_gpu=3, seed=5)
+    return arithmetic_env(tokenizer, lambda c, a, p: 0.0, batch_size=3)
 
 
 def lora_weights(agent) -> dict[str, torch.Tensor]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
-import socket
 import sys
 import uuid
 from pathlib import Path
@@ -17,38 +15,24 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from helpers import arithmetic_env, tiny_grpo
 from pydantic import ValidationError
-from transformers import AutoModelForCausalLM
 
-from agilerl_llm import GRPO
 from agilerl_llm.checkpoint import CheckpointConfig, CheckpointManager
 from agilerl_llm.checkpoint.run import POINTER_FILE, TRAINER_STATE_FILE
 from agilerl_llm.checkpoint.storage import local_work_dir
-from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.training.logging import MetricsLogger
 from agilerl_llm.training.reasoning import finetune_llm_reasoning
 
-DATA = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(0, 50, 10) for b in range(3)]
 BUCKET = "ckpt-bucket"
 
 
 def make_agent(model_dir, tokenizer, seed=1):
-    return GRPO(
-        tokenizer.pad_token_id,
-        tokenizer.pad_token,
-        actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
-        group_size=2,
-        batch_size=2,
-        max_output_tokens=3,
-        lr=5e-2,
-        seed=seed,
-        gradient_checkpointing=False,
-    )
+    return tiny_grpo(model_dir, tokenizer, seed=seed, lr=5e-2)
 
 
 def make_env(tokenizer):
-    reward = lambda completion, answer, prompt: sum(map(ord, completion)) % 7 / 7  # noqa: E731
-    return ReasoningGym(DATA[:10], DATA[10:], tokenizer, reward, data_batch_size_per_gpu=2, seed=5)
+    return arithmetic_env(tokenizer)
 
 
 def lora_weights(agent) -> dict[str, torch.Tensor]:
@@ -72,46 +56,10 @@ def train(model_dir, tokenizer, config: CheckpointConfig, max_steps: int, pop=No
 
 
 # ---------------------------------------------------------------------------------------------- a real S3
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on loopback with one bucket; yields the storage_options that reach it."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in [
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-            ("AWS_DEFAULT_REGION", "us-east-1"),
-        ]:
-            patch.setenv(name, value)
-        patch.setattr(logging.getLogger("werkzeug"), "level", logging.ERROR)  # one line per request otherwise
-        port = _free_port()
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            options = {
-                "key": "testing",
-                "secret": "testing",
-                "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
-            }
-            boto3 = pytest.importorskip("boto3")
-            client = boto3.client(
-                "s3",
-                endpoint_url=f"http://127.0.0.1:{port}",
-                region_name="us-east-1",
-                aws_access_key_id="testing",
-                aws_secret_access_key="testing",
-            )
-            client.create_bucket(Bucket=BUCKET)
-            yield options
-        finally:
-            server.stop()
+def s3(s3_server):
+    """The storage_options that reach the session's S3 server (conftest.py)."""
+    return s3_server["storage_options"]
 
 
 @pytest.fixture()

@@ -10,18 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import arithmetic_env, tiny_grpo
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agilerl_llm import GRPO
 from agilerl_llm.checkpoint import CheckpointConfig
 from agilerl_llm.checkpoint.catalog import list_checkpoints, verify_checkpoint
 from agilerl_llm.checkpoint.run import POINTER_FILE
 from agilerl_llm.cli import main
-from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.training.logging import MetricsLogger
 from agilerl_llm.training.reasoning import finetune_llm_reasoning
 
-DATA = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(0, 50, 10) for b in range(3)]
 STEPS = 3
 
 
@@ -29,19 +27,8 @@ STEPS = 3
 def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A run folder with global_step_1..3 written by finetune_llm_reasoning (agent built from a model path)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    agent = GRPO(
-        tokenizer.pad_token_id,
-        tokenizer.pad_token,
-        model_name=str(tiny_model_dir),
-        group_size=2,
-        batch_size=2,
-        max_output_tokens=3,
-        lr=5e-2,
-        seed=1,
-        gradient_checkpointing=False,
-    )
-    reward = lambda completion, answer, prompt: sum(map(ord, completion)) % 7 / 7  # noqa: E731
-    env = ReasoningGym(DATA[:10], DATA[10:], tokenizer, reward, data_batch_size_per_gpu=2, seed=5)
+    agent = tiny_grpo(tiny_model_dir, tokenizer, by_name=True, lr=5e-2)
+    env = arithmetic_env(tokenizer)
     path = tmp_path_factory.mktemp("run") / "ckpt"
     finetune_llm_reasoning(
         [agent],

@@ -4,66 +4,30 @@ loopback) by a tiny training run, and on memory://."""
 from __future__ import annotations
 
 import json
-import logging
-import socket
 import uuid
 from pathlib import Path
 
 import fsspec
 import pytest
 import torch
+from helpers import arithmetic_env, tiny_grpo
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agilerl_llm import GRPO
 from agilerl_llm.checkpoint import CheckpointConfig
 from agilerl_llm.checkpoint.catalog import list_checkpoints, verify_checkpoint
 from agilerl_llm.checkpoint.run import POINTER_FILE
 from agilerl_llm.cli import main, parse_storage_options
-from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.training.logging import MetricsLogger
 from agilerl_llm.training.reasoning import finetune_llm_reasoning
 
-DATA = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(0, 50, 10) for b in range(3)]
-BUCKET = "cli-bucket"
+BUCKET = "ckpt-bucket"  # the session S3 server's bucket (conftest.py); every test uses its own prefix
 STEPS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on loopback with one bucket (as in test_checkpoint_storage.py); yields its endpoint."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in [
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-            ("AWS_DEFAULT_REGION", "us-east-1"),
-        ]:
-            patch.setenv(name, value)
-        patch.setattr(logging.getLogger("werkzeug"), "level", logging.ERROR)
-        port = _free_port()
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            endpoint = f"http://127.0.0.1:{port}"
-            client = boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                region_name="us-east-1",
-                aws_access_key_id="testing",
-                aws_secret_access_key="testing",
-            )
-            client.create_bucket(Bucket=BUCKET)
-            yield endpoint
-        finally:
-            server.stop()
+def s3(s3_server):
+    """The endpoint of the session's S3 server (conftest.py)."""
+    return s3_server["endpoint"]
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +49,8 @@ def s3_run(s3, tiny_model_dir):
     assert parse_storage_options(flags[1::2]) == options
     url = f"s3://{BUCKET}/{uuid.uuid4().hex[:10]}/run"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    agent = GRPO(
-        tokenizer.pad_token_id,
-        tokenizer.pad_token,
-        model_name=str(tiny_model_dir),
-        group_size=2,
-        batch_size=2,
-        max_output_tokens=3,
-        lr=5e-2,
-        seed=1,
-        gradient_checkpointing=False,
-    )
-    reward = lambda completion, answer, prompt: sum(map(ord, completion)) % 7 / 7  # noqa: E731
-    env = ReasoningGym(DATA[:10], DATA[10:], tokenizer, reward, data_batch_size_per_gpu=2, seed=5)
+    agent = tiny_grpo(tiny_model_dir, tokenizer, by_name=True, lr=5e-2)
+    env = arithmetic_env(tokenizer)
     torch.manual_seed(0)
     finetune_llm_reasoning(
         [agent],

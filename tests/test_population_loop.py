@@ -101,7 +101,8 @@ def test_population_evolves_every_evo_steps(tiny_model_dir, tokenizer):
     assert "lr" in table and "temperature" in table and "fitness" in table
 
 
-def test_population_resume_restores_members_and_fitness_history(tiny_model_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("save_async", [False, True], ids=["sync", "async"])
+def test_population_resume_restores_members_and_fitness_history(tiny_model_dir, tokenizer, tmp_path, save_async):
     """8 steps straight vs. interrupted in step 5 (after step 4's checkpoint) and resumed in a fresh population.
 
     The generation at step 6 comes after the resume, so its tournament and mutation draws (and the fresh indices
@@ -109,7 +110,7 @@ def test_population_resume_restores_members_and_fitness_history(tiny_model_dir, 
 
     def run(max_steps, path, logger=None):
         pop = grpo_population(tiny_model_dir, tokenizer)
-        checkpoint = CheckpointConfig(path=path, interval=2)
+        checkpoint = CheckpointConfig(path=path, interval=2, save_async=save_async)
         return finetune_llm_reasoning(
             pop,
             make_env(tokenizer),
