@@ -7,6 +7,8 @@ a mutated temperature or group size takes effect at the next rollout.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym
@@ -17,6 +19,23 @@ from agilerl_llm.rollout.hf import generate_completions
 
 class GenerationMixin:
     """Rollouts and held-out evaluation with the actor adapter (mixed into ``LLMAlgorithm``)."""
+
+    def _store_generation_settings(
+        self, *, hf_generate_chunk_size: int | None, use_liger_loss: bool, **sampling: object
+    ) -> None:
+        """Validate and keep the rollout settings shared by every algorithm that generates (GRPO, REINFORCE, PPO)
+        as plain attributes, so evolution can mutate them and checkpoints carry them."""
+        if hf_generate_chunk_size is not None and hf_generate_chunk_size < 1:
+            raise ValueError(f"hf_generate_chunk_size must be >= 1 or None, got {hf_generate_chunk_size}.")
+        if use_liger_loss:
+            warnings.warn(
+                "use_liger_loss=True: the Liger path is not available yet; using the standard fused path.",
+                UserWarning,
+                3,
+            )
+        self.__dict__.update(SamplingSettings(**sampling).model_dump())
+        self.hf_generate_chunk_size = hf_generate_chunk_size
+        self.use_liger_loss = use_liger_loss
 
     def sampling_settings(self) -> SamplingSettings:
         """The training-rollout sampling settings, read from the (mutable) hyperparameter attributes."""

@@ -33,7 +33,6 @@ from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.updates import policy_gradient_step, run_update_epochs, with_behaviour_logprobs
 from agilerl_llm.losses import resolve_clip_bounds, resolve_importance_sampling_level
-from agilerl_llm.rollout.base import SamplingSettings
 
 # Constructor arguments of features that arrive in later releases (GPU-only paths). Passing a
 # non-default value raises instead of silently training without the feature.
@@ -133,14 +132,6 @@ class GRPO(LLMAlgorithm):
             advantage_granularity = action_granularity
         if reduce_memory_peak is not None:
             warnings.warn("reduce_memory_peak is ignored; set micro_batch_size_per_gpu.", DeprecationWarning, 2)
-        if use_liger_loss:
-            warnings.warn(
-                "use_liger_loss=True: the Liger path is not available yet; using the standard fused path.",
-                UserWarning,
-                2,
-            )
-        if hf_generate_chunk_size is not None and hf_generate_chunk_size < 1:
-            raise ValueError(f"hf_generate_chunk_size must be >= 1 or None, got {hf_generate_chunk_size}.")
         settings = GRPOSettings(
             group_size=group_size,
             beta=beta,
@@ -161,7 +152,11 @@ class GRPO(LLMAlgorithm):
         level, message = resolve_importance_sampling_level(settings.loss_type, settings.importance_sampling_level)
         if message:
             warnings.warn(message, UserWarning, 2)
-        sampling = SamplingSettings(
+        self.__dict__.update(settings.model_dump())
+        self.importance_sampling_level = level
+        self._store_generation_settings(
+            hf_generate_chunk_size=hf_generate_chunk_size,
+            use_liger_loss=use_liger_loss,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
@@ -171,11 +166,6 @@ class GRPO(LLMAlgorithm):
             min_output_tokens=min_output_tokens,
             max_model_len=max_model_len,
         )
-        self.__dict__.update(settings.model_dump())
-        self.importance_sampling_level = level
-        self.__dict__.update(sampling.model_dump())
-        self.hf_generate_chunk_size = hf_generate_chunk_size
-        self.use_liger_loss = use_liger_loss
         self.fused_loss_chunk_rows = fused_loss_chunk_rows
         self.use_sequence_packing = use_sequence_packing  # inert without a FlashAttention-2 / Flex backend
         self.use_memory_efficient_params = use_memory_efficient_params  # inert without colocated vLLM

@@ -20,7 +20,6 @@ is clipped on its own to ``max_grad_norm`` (the base class clips the adapters).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -34,7 +33,6 @@ from agilerl_llm.losses import clipped_value_loss, grpo_policy_loss, kl_k3, reso
 from agilerl_llm.model.adapters import CRITIC
 from agilerl_llm.model.value_head import ValueHead
 from agilerl_llm.optim import build_lr_scheduler, build_optimizer
-from agilerl_llm.rollout.base import SamplingSettings
 
 
 class PPOSettings(BaseModel):
@@ -104,7 +102,10 @@ class LLMPPO(LLMAlgorithm):
             update_epochs=update_epochs,
             whiten_advantages=whiten_advantages,
         )
-        sampling = SamplingSettings(
+        self.__dict__.update(settings.model_dump())
+        self._store_generation_settings(
+            hf_generate_chunk_size=hf_generate_chunk_size,
+            use_liger_loss=use_liger_loss,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
@@ -114,13 +115,6 @@ class LLMPPO(LLMAlgorithm):
             min_output_tokens=min_output_tokens,
             max_model_len=max_model_len,
         )
-        if use_liger_loss:
-            warnings.warn(
-                "use_liger_loss=True: the Liger path is not available yet; using the fused path.", UserWarning, 2
-            )
-        self.__dict__.update(settings.model_dump() | sampling.model_dump())
-        self.hf_generate_chunk_size = hf_generate_chunk_size
-        self.use_liger_loss = use_liger_loss
         super().__init__(pad_token_id, pad_token, **base_kwargs)
         self.value_head_state = self.value_head.plain_state()  # plain data: travels in attributes.pt
 

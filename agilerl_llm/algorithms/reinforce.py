@@ -17,7 +17,6 @@ KL(pi || pi_ref), the one estimator of the package. The loss is the token mean o
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -28,7 +27,6 @@ from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.updates import policy_gradient_step, run_update_epochs, with_behaviour_logprobs
 from agilerl_llm.losses import resolve_clip_bounds
-from agilerl_llm.rollout.base import SamplingSettings
 
 
 class ReinforceSettings(BaseModel):
@@ -82,7 +80,10 @@ class LLMReinforce(LLMAlgorithm):
         settings = ReinforceSettings(
             group_size=group_size, beta=beta, update_epochs=update_epochs, clip_coef=clip_coef, rebn_eps=rebn_eps
         )
-        sampling = SamplingSettings(
+        self.__dict__.update(settings.model_dump())
+        self._store_generation_settings(
+            hf_generate_chunk_size=hf_generate_chunk_size,
+            use_liger_loss=use_liger_loss,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
@@ -92,13 +93,6 @@ class LLMReinforce(LLMAlgorithm):
             min_output_tokens=min_output_tokens,
             max_model_len=max_model_len,
         )
-        if use_liger_loss:
-            warnings.warn(
-                "use_liger_loss=True: the Liger path is not available yet; using the fused path.", UserWarning, 2
-            )
-        self.__dict__.update(settings.model_dump() | sampling.model_dump())
-        self.hf_generate_chunk_size = hf_generate_chunk_size
-        self.use_liger_loss = use_liger_loss
         super().__init__(pad_token_id, pad_token, **base_kwargs)
 
     @property
