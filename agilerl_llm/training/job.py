@@ -9,7 +9,6 @@ there.
 from __future__ import annotations
 
 import inspect
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from agilerl_llm.optim import CosineLRScheduleConfig
 from agilerl_llm.testing import build_tiny_model, build_tiny_tokenizer
 from agilerl_llm.training.config import ConfigError, EvolutionSettings, RunConfig, format_validation_error
 from agilerl_llm.training.logging import MetricsLogger
-from agilerl_llm.training.loop import fitness_of
+from agilerl_llm.training.loop import fittest_first
 from agilerl_llm.training.reasoning import finetune_llm_reasoning, mean_eval_reward
 from agilerl_llm.training.warmstart import pretrain_on_demonstrations
 
@@ -228,7 +227,7 @@ def run_reasoning_job(config: RunConfig) -> JobResult:
         checkpoint=config.checkpoint,
         **evolution_arguments(config.evolution),
     )
-    pop = sorted(pop, key=lambda agent: -fitness_of(agent) if agent.fitness else math.inf)
+    pop = fittest_first(pop)
     final_step = config.training.max_steps
     final_rows = [row for row in history if row["step"] == final_step and row["agent"] == pop[0].index]
     return JobResult(

@@ -100,15 +100,19 @@ def run_population_loop(
     logger: MetricsLogger | None,
     progress: bool,
     checkpoint: CheckpointConfig | None,
-    evolution: Evolution | None,
+    evo_steps: int | None = None,
+    tournament: Any | None = None,
+    mutation: Any | None = None,
 ) -> tuple[list[Any], list[dict[str, float]]]:
     """Run the loop described in the module docstring; returns the final population and the metrics history.
 
     ``train_step(agent, batch)`` returns the step's training metrics; ``evaluate(agent)`` scores the agent on the
     held-out split, appends its fitness to ``agent.fitness`` and returns the ``eval/...`` metrics. ``env`` serves
     batches (``reset(reset_dataloaders=True)``, ``advance()``) and saves its position (``state_dict()``).
+    ``evo_steps`` / ``tournament`` / ``mutation`` are the finetune functions' evolution arguments, checked together.
     """
     check_loop_arguments(pop, max_steps, evaluation_interval)
+    evolution = Evolution.from_arguments(evo_steps, tournament, mutation, pop)
     logger = logger or MetricsLogger()
     history: list[dict[str, float]] = []
     manager = CheckpointManager(checkpoint, dist_agent=pop[0]) if checkpoint is not None else None
@@ -185,10 +189,14 @@ def hyperparameters(agent: Any) -> dict[str, float]:
     return {f"hp/{name}": float(getattr(agent, name)) for name in config.names()}
 
 
-def fitness_of(agent: Any, window: int = 1) -> float:
-    """Mean of the agent's last ``window`` fitness scores (NaN before its first evaluation)."""
-    scores = agent.fitness[-window:]
-    return sum(scores) / len(scores) if scores else math.nan
+def fitness_of(agent: Any) -> float:
+    """The agent's latest fitness (NaN before its first evaluation)."""
+    return agent.fitness[-1] if agent.fitness else math.nan
+
+
+def fittest_first(pop: list[Any]) -> list[Any]:
+    """The members sorted by latest fitness, best first; members never evaluated come last (ties keep order)."""
+    return sorted(pop, key=lambda agent: -fitness_of(agent) if agent.fitness else math.inf)
 
 
 def fitness_table(pop: list[Any]) -> str:
@@ -196,7 +204,7 @@ def fitness_table(pop: list[Any]) -> str:
     names = sorted({name for agent in pop for name in hyperparameters(agent)})
     header = ["member", *(name.removeprefix("hp/") for name in names), "mutation", "fitness"]
     rows = []
-    for agent in sorted(pop, key=lambda a: -fitness_of(a) if a.fitness else math.inf):
+    for agent in fittest_first(pop):
         values = hyperparameters(agent)
         rows.append(
             [str(agent.index)]
@@ -214,7 +222,7 @@ def export_fittest(pop: list[Any], checkpoint: CheckpointConfig, step: int, toke
     HuggingFace model at ``<export_path>/global_step_<step>/policy``; returns where it went."""
     from agilerl_llm.checkpoint.export import export_policy
 
-    best = max(pop, key=lambda agent: fitness_of(agent) if agent.fitness else -math.inf)
+    best = fittest_first(pop)[0]
     folder = f"global_step_{step}/policy"
     if not is_remote(checkpoint.export_path):
         return export_policy(best, Path(checkpoint.export_path) / folder, tokenizer)

@@ -17,7 +17,7 @@ from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.checkpoint.run import CheckpointConfig
 from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.training.logging import MetricsLogger
-from agilerl_llm.training.loop import Evolution, check_loop_arguments, run_population_loop
+from agilerl_llm.training.loop import run_population_loop
 
 
 def finetune_llm_reasoning(
@@ -60,7 +60,6 @@ def finetune_llm_reasoning(
         ``agent``, ``hp/<name>`` for mutable hyperparameters, the training metrics and, on evaluation steps,
         ``eval/reward``. A resumed run's history holds the steps it ran itself.
     """
-    check_loop_arguments(pop, max_steps, evaluation_interval)
     return run_population_loop(
         pop,
         env,
@@ -72,7 +71,9 @@ def finetune_llm_reasoning(
         logger=logger,
         progress=progress,
         checkpoint=checkpoint,
-        evolution=Evolution.from_arguments(evo_steps, tournament, mutation, pop),
+        evo_steps=evo_steps,
+        tournament=tournament,
+        mutation=mutation,
     )
 
 

@@ -14,7 +14,7 @@ from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.checkpoint.run import CheckpointConfig
 from agilerl_llm.envs.sft import DatasetServer, SFTGym
 from agilerl_llm.training.logging import MetricsLogger
-from agilerl_llm.training.loop import Evolution, check_loop_arguments, run_population_loop
+from agilerl_llm.training.loop import run_population_loop
 
 
 def finetune_llm_sft(
@@ -78,7 +78,6 @@ def run_offline_loop(
     mutation: Any | None = None,
 ) -> tuple[list[Any], list[dict[str, float]]]:
     """The loop of SFT and DPO: batch -> every agent's ``learn`` -> periodic ``evaluate`` on held-out data."""
-    check_loop_arguments(pop, max_steps, evaluation_interval)
     return run_population_loop(
         pop,
         env,
@@ -90,7 +89,9 @@ def run_offline_loop(
         logger=logger,
         progress=progress,
         checkpoint=checkpoint,
-        evolution=Evolution.from_arguments(evo_steps, tournament, mutation, pop),
+        evo_steps=evo_steps,
+        tournament=tournament,
+        mutation=mutation,
     )
 
 
