@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import warnings
@@ -38,7 +37,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
@@ -46,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from agilerl_llm.checkpoint.agent import _Distribution
 from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
 from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
+from agilerl_llm.checkpoint.rng import capture_rng, restore_rng
 from agilerl_llm.checkpoint.snapshot import AgentSnapshot, snapshot_checkpoint, write_snapshot
 from agilerl_llm.checkpoint.storage import (
     RemoteStore,
@@ -356,7 +355,7 @@ class CheckpointManager:
                     )
             else:
                 save_agent_checkpoint(agent, staging / f"agent_{i}", lora_only=True, save_optimizer=True)
-        rng_tensors, rng_json = _capture_rng()
+        rng_tensors, rng_json = capture_rng()
         rng_file = RNG_FILE if self._rank == 0 else f"rng_state_rank{self._rank}.safetensors"
         if not (save_async and self._is_main):
             save_file(rng_tensors, str(staging / rng_file))
@@ -530,7 +529,7 @@ class CheckpointManager:
         rng_file = folder / (RNG_FILE if self._rank == 0 else f"rng_state_rank{self._rank}.safetensors")
         if not rng_file.is_file():
             rng_file = folder / RNG_FILE  # resumed with more processes than saved: fall back to the main's
-        _restore_rng(load_file(str(rng_file)), state["rng"])
+        restore_rng(load_file(str(rng_file)), state["rng"])
         return state
 
     @staticmethod
@@ -568,43 +567,3 @@ class CheckpointManager:
                 self.prepare_fresh()
             return None
         return self.load(folder, pop, env)
-
-
-# ---------------------------------------------------------------------------------------------- RNG and files
-def _capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for device, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{device}"] = cuda_state
-    version, internal, gauss_next = random.getstate()
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    plain = {
-        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-        "numpy": {
-            "kind": kind,
-            "keys": [int(k) for k in keys],
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-    }
-    return tensors, plain
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
-    python = plain["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
-    numpy_state = plain["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["kind"],
-            np.asarray(numpy_state["keys"], dtype=np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda_states = [tensors[f"torch_cuda_{d}"] for d in range(len(tensors)) if f"torch_cuda_{d}" in tensors]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
