@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from agilerl_llm.advantages import return_batch_normalisation
 from agilerl_llm.algorithms.experience import Experience
+from agilerl_llm.algorithms.grpo import GRPO
+from agilerl_llm.algorithms.ppo import LLMPPO
 from agilerl_llm.algorithms.reinforce import LLMReinforce
 from agilerl_llm.envs.reasoning import ReasoningGym
 
@@ -93,3 +95,10 @@ def test_reinforce_raises_mean_reward(peaked_model_dir, tokenizer):
         prompts = env.advance()
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert first < 0.3 and last > first + 0.4, rewards
+
+
+@pytest.mark.parametrize("cls", [GRPO, LLMReinforce, LLMPPO])
+def test_every_generating_algorithm_rejects_a_bad_generate_chunk_size(cls):
+    # The shared check runs before any model is loaded, so the bad value fails first and names itself.
+    with pytest.raises(ValueError, match="hf_generate_chunk_size must be >= 1"):
+        cls(0, "<pad>", model_name="not-loaded", hf_generate_chunk_size=0)
