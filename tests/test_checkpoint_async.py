@@ -15,6 +15,7 @@ from agilerl_llm.checkpoint import CheckpointConfig, CheckpointManager
 from agilerl_llm.checkpoint import agent as agent_checkpoint
 from agilerl_llm.checkpoint import files as checkpoint_files
 from agilerl_llm.checkpoint import snapshot as snapshots
+from agilerl_llm.checkpoint import state as checkpoint_state
 from agilerl_llm.checkpoint.run import POINTER_FILE, TRAINER_STATE_FILE
 from agilerl_llm.training.logging import MetricsLogger
 from agilerl_llm.training.reasoning import finetune_llm_reasoning
@@ -221,32 +222,32 @@ def test_the_manager_reuses_a_snapshot_only_after_its_write(tmp_path, tiny_model
 
 def test_the_parameter_cache_follows_changes_to_the_module_tree():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
-    named = snapshots._named_parameters(model)
+    named = snapshots.named_parameters(model)
     assert named == dict(model.named_parameters())
-    assert snapshots._named_parameters(model) is named  # unchanged: cached
+    assert snapshots.named_parameters(model) is named  # unchanged: cached
 
     model[0].weight = torch.nn.Parameter(torch.zeros(3, 2))  # a parameter replaced
-    assert snapshots._named_parameters(model)["0.weight"] is model[0].weight
+    assert snapshots.named_parameters(model)["0.weight"] is model[0].weight
     model[1] = torch.nn.Linear(3, 4)  # a submodule replaced
-    assert snapshots._named_parameters(model)["1.weight"] is model[1].weight
+    assert snapshots.named_parameters(model)["1.weight"] is model[1].weight
     model.append(torch.nn.Linear(4, 1))  # a submodule added
-    assert "2.bias" in snapshots._named_parameters(model)
+    assert "2.bias" in snapshots.named_parameters(model)
     model[2].bias = None  # a parameter removed
-    assert snapshots._named_parameters(model) == dict(model.named_parameters())
+    assert snapshots.named_parameters(model) == dict(model.named_parameters())
     model[0]._parameters["bias"] = torch.nn.Parameter(torch.ones(3))  # written directly, past the setattr path
-    assert snapshots._named_parameters(model)["0.bias"] is model[0].bias
-    assert snapshots._named_parameters(model) == dict(model.named_parameters())
+    assert snapshots.named_parameters(model)["0.bias"] is model[0].bias
+    assert snapshots.named_parameters(model) == dict(model.named_parameters())
 
 
 def test_the_plain_lora_config_follows_changes_to_the_config():
     from peft import LoraConfig
 
     config = LoraConfig(r=8, target_modules=["q_proj"])
-    first = agent_checkpoint._plain_lora_config(config)
+    first = checkpoint_state._plain_lora_config(config)
     assert first == checkpoint_files.plain_lora_config(config)
     first["r"] = 99  # a copy: the cache is not reachable through it
-    assert agent_checkpoint._plain_lora_config(config)["r"] == 8
+    assert checkpoint_state._plain_lora_config(config)["r"] == 8
     config.target_modules.add("v_proj")  # changed in place
-    assert agent_checkpoint._plain_lora_config(config)["target_modules"] == ["q_proj", "v_proj"]
+    assert checkpoint_state._plain_lora_config(config)["target_modules"] == ["q_proj", "v_proj"]
     config.r = 4
-    assert agent_checkpoint._plain_lora_config(config) == checkpoint_files.plain_lora_config(config)
+    assert checkpoint_state._plain_lora_config(config) == checkpoint_files.plain_lora_config(config)

@@ -192,9 +192,12 @@ def test_resume_modes(tmp_path, tokenizer, agent):
 
 
 # ---------------------------------------------------------------------------------------------- the headline
-def _worker(mode: str, model_dir: Path, ckpt: Path, out: Path, total: int, interval: int) -> subprocess.Popen:
+def _worker(
+    mode: str, model_dir: Path, ckpt: Path, out: Path, total: int, interval: int, algorithm="grpo", save="sync"
+) -> subprocess.Popen:
     env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = [sys.executable, str(WORKER), mode, str(model_dir), str(ckpt), str(out), str(total), str(interval)]
+    args += [algorithm, save]
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -203,10 +206,16 @@ def _finish(process: subprocess.Popen, timeout: float = 120) -> None:
     assert process.returncode == 0, stderr[-3000:]
 
 
-def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize(
+    ("algorithm", "save"), [("grpo", "sync"), ("ppo", "sync"), ("ppo", "async")], ids=["grpo", "ppo", "ppo-async"]
+)
+def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, algorithm, save):
+    """Kill -9 inside step n+1, resume in a fresh process: the same per-step metrics as an uninterrupted run and
+    bitwise-equal adapters (actor, reference, critic) and extra modules (PPO's value head)."""
     n = 3
-    full = _worker("full", tiny_model_dir, tmp_path / "ck_full", tmp_path / "full", 2 * n, n)
-    crash = _worker("crash", tiny_model_dir, tmp_path / "ck", tmp_path / "crash", 2 * n, n)
+    run = {"algorithm": algorithm, "save": save}
+    full = _worker("full", tiny_model_dir, tmp_path / "ck_full", tmp_path / "full", 2 * n, n, **run)
+    crash = _worker("crash", tiny_model_dir, tmp_path / "ck", tmp_path / "crash", 2 * n, n, **run)
     deadline = time.monotonic() + 120
     while not (tmp_path / "crash" / "ready").exists():  # the worker is inside step n+1, step n is on disk
         assert crash.poll() is None, crash.stderr.read()[-3000:]
@@ -218,7 +227,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp
     assert (tmp_path / "ck" / POINTER_FILE).read_text().strip() == str(n)
     assert not (tmp_path / "ck" / f"global_step_{n + 1}").exists()
     _finish(full)
-    _finish(_worker("resume", tiny_model_dir, tmp_path / "ck", tmp_path / "resume", 2 * n, n))
+    _finish(_worker("resume", tiny_model_dir, tmp_path / "ck", tmp_path / "resume", 2 * n, n, **run))
 
     uninterrupted = json.loads((tmp_path / "full" / "history.json").read_text())
     resumed = json.loads((tmp_path / "resume" / "history.json").read_text())
@@ -228,11 +237,14 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp
     expected = load_file(str(tmp_path / "full" / "adapters.safetensors"))
     actual = load_file(str(tmp_path / "resume" / "adapters.safetensors"))
     assert expected.keys() == actual.keys() and any(".reference." in k for k in expected)
+    if algorithm == "ppo":
+        assert any(".critic." in k for k in expected) and "module.value_head.linear.weight" in expected
+        assert "loss/value" in resumed[0]
     for name, tensor in expected.items():
         assert actual[name].dtype == tensor.dtype and torch.equal(actual[name], tensor), name
     assert (tmp_path / "ck" / POINTER_FILE).read_text().strip() == str(2 * n)
     # What the closing notes quote (visible with `pytest -s`): per step, the uninterrupted and resumed numbers.
-    print(f"\nSIGKILL inside step {n + 1} after step {n}'s checkpoint, resumed in a fresh process:")
+    print(f"\n{algorithm} ({save} saves): SIGKILL inside step {n + 1} after step {n}'s checkpoint, resumed afresh:")
     print("step | reward/mean uninterrupted | reward/mean resumed | loss/policy uninterrupted | loss/policy resumed")
     for before, after in zip(uninterrupted[n:], resumed, strict=True):
         print(

@@ -12,7 +12,7 @@ from agilerl_llm.envs.reasoning import ReasoningGym
 DATA = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(0, 120, 10) for b in range(3)]
 
 
-def make_agent(model_dir, tokenizer, cls=GRPO, **kwargs):
+def make_agent(model_dir, tokenizer, cls=GRPO, model_kwargs=None, **kwargs):
     kwargs = {
         "group_size": 4,
         "max_output_tokens": 5,
@@ -24,7 +24,7 @@ def make_agent(model_dir, tokenizer, cls=GRPO, **kwargs):
     return cls(
         tokenizer.pad_token_id,
         tokenizer.pad_token,
-        actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
+        actor_network=AutoModelForCausalLM.from_pretrained(model_dir, **(model_kwargs or {})),
         **kwargs,
     )
 
@@ -96,22 +96,29 @@ def test_learn_moves_only_the_actor_and_reports_metrics(tiny_model_dir, tokenize
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, tokenizer):
-    """batch 12 in one micro-batch == 12 as 4 micro-batches of 3 (loss normalised by the batch's tokens)."""
+    """batch 12 in one micro-batch == 12 as 4 micro-batches of 3 (loss normalised by the batch's tokens).
+
+    Run in float64: the two paths sum the same terms in another order, so they agree to rounding only, and the
+    first Adam step (lr * g / (|g| + eps)) amplifies rounding where a gradient is near eps. In float64 rounding is
+    ~1e-16 relative, so a 1e-9 tolerance still fails on any real difference (a wrong normaliser changes the loss
+    by a factor of micro-batches)."""
     torch.manual_seed(0)
-    whole = make_agent(tiny_model_dir, tokenizer, micro_batch_size_per_gpu=12, seed=1)
+    float64 = {"dtype": torch.float64}
+    whole = make_agent(tiny_model_dir, tokenizer, micro_batch_size_per_gpu=12, seed=1, model_kwargs=float64)
     result, _ = rollout(whole, tokenizer)
     rewards = torch.rand(3, 4, generator=torch.Generator().manual_seed(0))
-    accumulated = make_agent(tiny_model_dir, tokenizer, micro_batch_size_per_gpu=3, seed=1)
+    accumulated = make_agent(tiny_model_dir, tokenizer, micro_batch_size_per_gpu=3, seed=1, model_kwargs=float64)
+    assert all(p.dtype == torch.float64 for p in accumulated.actor.parameters())
     experience = (result.completion_ids, result.action_masks, rewards, result.attention_mask)
     torch.manual_seed(5)
     metrics_whole = whole.learn(experience)
     torch.manual_seed(5)
     metrics_accumulated = accumulated.learn(experience)
-    assert metrics_whole["mean_loss"] == pytest.approx(metrics_accumulated["mean_loss"], abs=1e-6)
     assert metrics_whole["grad_norm"] > 1e-3
-    assert metrics_whole["grad_norm"] == pytest.approx(metrics_accumulated["grad_norm"], rel=1e-4)
+    assert metrics_whole["mean_loss"] == pytest.approx(metrics_accumulated["mean_loss"], rel=1e-9, abs=1e-12)
+    assert metrics_whole["grad_norm"] == pytest.approx(metrics_accumulated["grad_norm"], rel=1e-9)
     for name, value in actor_weights(whole).items():
-        torch.testing.assert_close(value, actor_weights(accumulated)[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(value, actor_weights(accumulated)[name], atol=1e-9, rtol=1e-9)
 
 
 def test_zero_variance_groups_give_no_gradient_and_are_filtered(tiny_model_dir, tokenizer):

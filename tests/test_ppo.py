@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from agilerl_llm.algorithms.ppo import LLMPPO
@@ -121,3 +122,46 @@ def test_ppo_raises_mean_reward_and_lowers_value_loss(peaked_model_dir, tokenize
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert first < 0.3 and last > first + 0.4, rewards
     assert sum(value_losses[-3:]) < sum(value_losses[:3]), value_losses
+
+
+def test_run_checkpoint_restores_the_trained_value_head_and_its_optimizer_state(tiny_model_dir, tokenizer, tmp_path):
+    """The run manager goes through the agent's checkpoint contract: the value head comes back trained, as a
+    safetensors module file, with its Adam moments (it used to come back as a freshly initialised head)."""
+    from agilerl_llm.checkpoint import CheckpointConfig, CheckpointManager
+
+    agent = make_agent(tiny_model_dir, tokenizer, beta=0.05)
+    agent.learn(rollout(agent, tokenizer))
+    manager = CheckpointManager(CheckpointConfig(path=tmp_path / "ck"))
+    manager.save(1, [agent], None)
+    agent_dir = tmp_path / "ck" / "global_step_1" / "agent_0"
+    saved_head = load_file(str(agent_dir / "modules" / "value_head.safetensors"))
+    assert torch.equal(saved_head["linear.weight"], agent.value_head.linear.weight)
+    attributes = torch.load(agent_dir / "attributes.pt", weights_only=True)
+    assert "value_head_state" not in attributes["attributes"] and attributes["modules"] == {"value_head": "critic"}
+
+    fresh = make_agent(tiny_model_dir, tokenizer, seed=11)
+    assert not torch.equal(fresh.value_head.linear.weight, agent.value_head.linear.weight)
+    CheckpointManager(CheckpointConfig(path=tmp_path / "ck")).restore([fresh])
+    assert torch.equal(fresh.value_head.linear.weight, agent.value_head.linear.weight)
+    assert torch.equal(fresh.value_head.linear.bias, agent.value_head.linear.bias)
+    for expected, actual in zip(_head_moments(agent), _head_moments(fresh), strict=True):
+        assert torch.equal(expected, actual)
+
+
+def _head_moments(agent) -> list[torch.Tensor]:
+    """The AdamW first and second moments of the value head's parameters."""
+    state = agent.optimizer.state
+    return [state[p][key] for p in agent.value_head.parameters() for key in ("exp_avg", "exp_avg_sq")]
+
+
+def test_clone_copies_the_value_head_and_never_shares_it(tiny_model_dir, tokenizer):
+    agent = make_agent(tiny_model_dir, tokenizer, beta=0.05)
+    agent.learn(rollout(agent, tokenizer))
+    clone = agent.clone(index=1)
+    assert torch.equal(clone.value_head.linear.weight, agent.value_head.linear.weight)
+    assert clone.value_head.linear.weight.data_ptr() != agent.value_head.linear.weight.data_ptr()
+    for expected, actual in zip(_head_moments(agent), _head_moments(clone), strict=True):
+        assert torch.equal(expected, actual) and expected.data_ptr() != actual.data_ptr()
+    before = agent.value_head.linear.weight.detach().clone()
+    clone.learn(rollout(clone, tokenizer))
+    assert torch.equal(agent.value_head.linear.weight, before)

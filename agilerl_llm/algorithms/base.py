@@ -25,11 +25,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel
+from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from agilerl_llm.algorithms.generation import GenerationMixin
+from agilerl_llm.checkpoint.agent import apply_state
 from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
 from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
+from agilerl_llm.checkpoint.state import AgentState, CheckpointModule, capture_state
 from agilerl_llm.evolution.hyperparameters import HyperparameterConfig, as_hyperparameter_config
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
 from agilerl_llm.model.forward import HiddenStatesModel, enable_activation_checkpointing
@@ -75,6 +78,9 @@ class LLMAlgorithm(GenerationMixin):
     """
 
     uses_critic: ClassVar[bool] = False
+    # The typed settings models whose fields are this algorithm's hyperparameters (validated on construction and
+    # when a checkpoint restores them).
+    hyperparameter_models: ClassVar[tuple[type[BaseModel], ...]] = ()
 
     def __init__(
         self,
@@ -389,6 +395,53 @@ class LLMAlgorithm(GenerationMixin):
             self.__dict__.pop(name, None)
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    # The agent checkpoint contract (agilerl_llm.checkpoint.state): what this agent is made of is said here
+    # (adapter_names, checkpoint_modules); every save, load, async snapshot, run checkpoint and clone goes
+    # through checkpoint_state / load_checkpoint_state.
+    def checkpoint_modules(self) -> dict[str, CheckpointModule]:
+        """Trainable modules besides the LoRA adapters that checkpoints must carry (none here; PPO: its value
+        head). Saved as ``modules/<name>.safetensors``."""
+        return {}
+
+    def checkpoint_state(
+        self,
+        lora_only: bool = True,
+        save_optimizer: bool = True,
+        *,
+        to_host: bool = False,
+        reuse: AgentState | None = None,
+    ) -> AgentState:
+        """Everything a checkpoint of this agent holds, in memory: adapters, extra modules, optimizer and LR
+        schedule, hyperparameters. ``to_host`` copies it to CPU memory (fixed while training goes on)."""
+        return capture_state(self, lora_only=lora_only, save_optimizer=save_optimizer, to_host=to_host, reuse=reuse)
+
+    def load_checkpoint_state(
+        self,
+        state: AgentState,
+        load_optimizer: bool = True,
+        overwrite_reference_adapter: bool = False,
+        overwrite_critic_adapter: bool = True,
+        check_base_model: bool = True,
+    ) -> None:
+        """Apply a state from ``checkpoint_state`` (or read from disk); the options are ``load_checkpoint``'s."""
+        apply_state(
+            self, state, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter, check_base_model
+        )
+
+    def validate_hyperparameters(self, values: dict[str, Any]) -> None:
+        """Check hyperparameter values with the constructor's rules; raises ValueError / ValidationError naming
+        the field. ``values`` holds the agent's plain attributes (``inspect_attributes``)."""
+        _check_base_arguments(
+            values.get("pad_token_id", self.pad_token_id),
+            values.get("batch_size", self.batch_size),
+            values.get("lr", self.lr),
+            values.get("max_grad_norm", self.max_grad_norm),
+            values.get("micro_batch_size_per_gpu", self.micro_batch_size_per_gpu),
+            values.get("index", self.index),
+        )
+        for model in self.hyperparameter_models:
+            model(**{name: values[name] for name in model.model_fields if name in values})
+
     def save_checkpoint(self, path: str, lora_only: bool = True, save_optimizer: bool = True) -> None:
         """Write this agent to the folder ``path``; see ``agilerl_llm.checkpoint.agent`` for the layout and grid."""
         save_agent_checkpoint(self, path, lora_only=lora_only, save_optimizer=save_optimizer)
@@ -399,12 +452,15 @@ class LLMAlgorithm(GenerationMixin):
         load_optimizer: bool = True,
         overwrite_reference_adapter: bool = False,
         overwrite_critic_adapter: bool = True,
+        check_base_model: bool = True,
     ) -> None:
         """Load a checkpoint made by ``save_checkpoint`` onto this agent (same base model and LoRA config).
 
         By default the loaded actor also becomes the reference (SFT -> DPO -> GRPO); see ``checkpoint/agent.py``.
         """
-        load_agent_checkpoint(self, path, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter)
+        load_agent_checkpoint(
+            self, path, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter, check_base_model
+        )
 
     # ------------------------------------------------------------------------------------------ population
     @property
@@ -443,9 +499,13 @@ class LLMAlgorithm(GenerationMixin):
         clone.actor = clone.adapters.model
         clone.policy_forward = HiddenStatesModel(clone.actor, self.calc_position_embeddings)
         clone._build_optimizer()
-        clone.optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
-        if self.lr_scheduler is not None:
-            clone.lr_scheduler.load_state_dict(copy.deepcopy(self.lr_scheduler.state_dict()))
+        # Adapters, extra modules, optimizer and schedule through the checkpoint contract (host copies: nothing
+        # is shared with this agent afterwards).
+        clone.load_checkpoint_state(
+            self.checkpoint_state(lora_only=True, save_optimizer=True, to_host=True),
+            overwrite_reference_adapter=True,
+            overwrite_critic_adapter=True,
+        )
         if index is not None:
             clone.index = index
         if self.accelerator is not None and wrap:

@@ -50,6 +50,8 @@ class DPO(LLMAlgorithm):
     Takes every argument of ``LLMAlgorithm`` plus ``beta``, ``loss_type`` and ``label_smoothing`` (``DPOSettings``).
     """
 
+    hyperparameter_models = (DPOSettings,)
+
     fitness_metric: ClassVar[tuple[str, float]] = ("eval/accuracy", 1.0)
 
     def __init__(

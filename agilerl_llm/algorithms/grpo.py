@@ -33,6 +33,7 @@ from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.updates import policy_gradient_step, run_update_epochs, with_behaviour_logprobs
 from agilerl_llm.losses import resolve_clip_bounds, resolve_importance_sampling_level
+from agilerl_llm.rollout.base import SamplingSettings
 
 # Constructor arguments of features that arrive in later releases (GPU-only paths). Passing a
 # non-default value raises instead of silently training without the feature.
@@ -81,6 +82,7 @@ class GRPO(LLMAlgorithm):
     """
 
     default_loss_type = "grpo"
+    hyperparameter_models = (GRPOSettings, SamplingSettings)
 
     def __init__(
         self,

@@ -29,10 +29,12 @@ from agilerl_llm.advantages import gae, kl_penalised_token_rewards, whiten_token
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.updates import run_update_epochs
+from agilerl_llm.checkpoint.state import CheckpointModule
 from agilerl_llm.losses import clipped_value_loss, grpo_policy_loss, kl_k3, resolve_clip_bounds
 from agilerl_llm.model.adapters import CRITIC
 from agilerl_llm.model.value_head import ValueHead
 from agilerl_llm.optim import build_lr_scheduler, build_optimizer
+from agilerl_llm.rollout.base import SamplingSettings
 
 
 class PPOSettings(BaseModel):
@@ -64,6 +66,7 @@ class LLMPPO(LLMAlgorithm):
     """
 
     uses_critic = True
+    hyperparameter_models = (PPOSettings, SamplingSettings)
 
     def __init__(
         self,
@@ -116,9 +119,12 @@ class LLMPPO(LLMAlgorithm):
             max_model_len=max_model_len,
         )
         super().__init__(pad_token_id, pad_token, **base_kwargs)
-        self.value_head_state = self.value_head.plain_state()  # plain data: travels in attributes.pt
 
     # ------------------------------------------------------------------------------------------ critic
+    def checkpoint_modules(self) -> dict[str, CheckpointModule]:
+        """The value head travels with the critic adapter (``modules/value_head.safetensors``)."""
+        return {"value_head": CheckpointModule(self.value_head, follows_adapter=CRITIC)}
+
     def _build_optimizer(self) -> None:
         """AdamW over the actor and critic adapters and the value head (created here on first use)."""
         if "value_head" not in self.__dict__:
@@ -240,27 +246,3 @@ class LLMPPO(LLMAlgorithm):
             sums["ratio_mean"] += float(policy.ratio_mean)
         sums["grad_norm"] = self._optimizer_step()
         return sums
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: str, lora_only: bool = True, save_optimizer: bool = True) -> None:
-        """As ``LLMAlgorithm.save_checkpoint``; the value head's weights go into attributes.pt as plain lists."""
-        self.value_head_state = self.value_head.plain_state()
-        super().save_checkpoint(path, lora_only=lora_only, save_optimizer=save_optimizer)
-
-    def load_checkpoint(
-        self,
-        path: str,
-        load_optimizer: bool = True,
-        overwrite_reference_adapter: bool = False,
-        overwrite_critic_adapter: bool = True,
-    ) -> None:
-        """As ``LLMAlgorithm.load_checkpoint``; an LLMPPO checkpoint's value head is restored with its critic.
-
-        A checkpoint of another algorithm (no value head) leaves the live value head as it is.
-        """
-        live = self.value_head.plain_state()
-        self.value_head_state = live
-        super().load_checkpoint(path, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter)
-        if not overwrite_critic_adapter:
-            self.value_head_state = live
-        self.value_head.load_plain_state(self.value_head_state)

@@ -27,6 +27,7 @@ from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.updates import policy_gradient_step, run_update_epochs, with_behaviour_logprobs
 from agilerl_llm.losses import resolve_clip_bounds
+from agilerl_llm.rollout.base import SamplingSettings
 
 
 class ReinforceSettings(BaseModel):
@@ -54,6 +55,8 @@ class LLMReinforce(LLMAlgorithm):
     settings of ``SamplingSettings`` (temperature, top_p, top_k, min_p, repetition_penalty, max_output_tokens,
     min_output_tokens, max_model_len).
     """
+
+    hyperparameter_models = (ReinforceSettings, SamplingSettings)
 
     def __init__(
         self,

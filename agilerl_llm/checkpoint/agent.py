@@ -5,6 +5,7 @@ Layout (``save_checkpoint``)::
     <path>/attributes.pt        always: plain data and tensors only, read back with torch.load(weights_only=True)
     <path>/actor|reference|critic/
         adapter_model.safetensors + adapter_config.json     when lora_only (PEFT's own adapter format)
+    <path>/modules/<name>.safetensors   the agent's other trainable modules (PPO's value head), always
     <path>/save_checkpoint/     DeepSpeed engine checkpoint, when DeepSpeed is attached and save_optimizer
 
 The grid, per cell (lora_only x save_optimizer x plain | DeepSpeed):
@@ -33,27 +34,27 @@ wait for it.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import warnings
-import weakref
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 
 from agilerl_llm.checkpoint import files
-from agilerl_llm.checkpoint.files import (
-    ADAPTER_WEIGHTS_FILE,
-    ATTRIBUTES_FILE,
-    ENGINE_DIR,
-    FORMAT_VERSION,
-    CheckpointError,
+from agilerl_llm.checkpoint.files import ADAPTER_WEIGHTS_FILE, ATTRIBUTES_FILE, ENGINE_DIR, CheckpointError
+from agilerl_llm.checkpoint.state import (
+    AgentState,
+    Distribution,
+    check_base_fingerprint,
+    check_base_shapes,
+    forget_fingerprint,
+    gathered,
+    lora_parameters,
+    read_state,
+    write_state,
 )
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE
 from agilerl_llm.optim import set_learning_rate
@@ -81,7 +82,7 @@ def save_checkpoint(
         save_optimizer: also write the optimizer and LR-schedule state so training can resume.
     """
     path = Path(path)
-    dist = _Distribution(agent)
+    dist = Distribution(agent)
     staging = path.with_name(f".{path.name}.incomplete")
     files.check_target(path)  # on every rank, so that all of them raise rather than wait for each other
     if dist.is_main:
@@ -89,14 +90,10 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     dist.wait()
     try:
-        engine_saves = dist.engine is not None and save_optimizer
-        payload = _attributes_payload(agent, lora_only, save_optimizer, engine_saves)
-        adapters = _adapter_weights(agent) if lora_only else {}
+        state = agent.checkpoint_state(lora_only=lora_only, save_optimizer=save_optimizer)
         if dist.is_main:
-            files.save_torch(payload, staging / ATTRIBUTES_FILE)
-            for name, weights in adapters.items():
-                files.write_adapter(staging / name, weights, agent.lora_config)
-        if engine_saves:
+            write_state(state, staging)
+        if state.payload["engine_checkpoint"]:
             dist.engine.save_checkpoint(str(staging / ENGINE_DIR), exclude_frozen_parameters=lora_only)
         dist.wait()
         if dist.is_main:
@@ -122,6 +119,7 @@ def load_checkpoint(
     load_optimizer: bool = True,
     overwrite_reference_adapter: bool = False,
     overwrite_critic_adapter: bool = True,
+    check_base_model: bool = True,
 ) -> None:
     """Load a checkpoint written by ``save_checkpoint`` into ``agent`` (built on the same base model).
 
@@ -133,22 +131,54 @@ def load_checkpoint(
             stage N becomes the KL anchor of stage N+1 (SFT -> DPO -> GRPO). True restores the checkpoint's own
             reference adapter (an exact resume); a checkpoint without one falls back to the actor copy.
         overwrite_critic_adapter: True (default) overwrites the live critic with the checkpoint's critic, or with
-            its actor when it has none. False leaves the live critic as it is.
+            its actor when it has none. False leaves the live critic as it is. Extra modules that belong with the
+            critic (PPO's value head) are loaded exactly when the critic is.
+        check_base_model: refuse a LoRA checkpoint whose recorded base-model fingerprint differs from this agent's
+            base (same shapes, other weights). False loads it anyway.
 
     Raises:
         FileNotFoundError: ``path`` or a file the checkpoint needs is missing (the message names it).
         CheckpointError: a file is truncated, corrupt or holds pickled objects; or the checkpoint was made with
             another LoRA config or base model. Nothing live has changed when it is raised.
     """
-    path = Path(path)
-    dist = _Distribution(agent)
-    saved = files.read_attributes(path)
-    _check_base_shapes(saved["base_shapes"], agent)  # first: another base model also resolves LoRA targets differently
-    files.check_lora_config(saved["lora_config"], agent.lora_config, path / ATTRIBUTES_FILE)
+    state = read_state(Path(path), agent.lora_config)
+    agent.load_checkpoint_state(
+        state,
+        load_optimizer=load_optimizer,
+        overwrite_reference_adapter=overwrite_reference_adapter,
+        overwrite_critic_adapter=overwrite_critic_adapter,
+        check_base_model=check_base_model,
+    )
+
+
+def apply_state(
+    agent: LLMAlgorithm,
+    state: AgentState,
+    load_optimizer: bool = True,
+    overwrite_reference_adapter: bool = False,
+    overwrite_critic_adapter: bool = True,
+    check_base_model: bool = True,
+) -> None:
+    """Apply a checkpoint state (read from disk, or captured in memory) to ``agent``: the body of
+    ``LLMAlgorithm.load_checkpoint_state``. Everything is checked before the first live weight changes."""
+    dist = Distribution(agent)
+    saved = state.payload
+    source = state.attributes_file
+    check_base_shapes(saved["base_shapes"], agent)  # first: another base model also resolves LoRA targets differently
+    files.check_lora_config(saved["lora_config"], agent.lora_config, source)
+    if check_base_model and saved["lora_only"]:  # a full checkpoint brings its own base weights
+        check_base_fingerprint(saved.get("base_fingerprint"), agent.actor, source, saved["attributes"].get("model_name"))
     plan = _LoadPlan.make(agent, saved, overwrite_reference_adapter, overwrite_critic_adapter)
-    adapter_weights = {name: files.read_adapter(path / name, agent.lora_config) for name in plan.from_folders}
+    for name in plan.from_folders:
+        if name not in state.adapters:
+            raise FileNotFoundError(f"the {name!r} adapter is missing from the checkpoint ({source} lists it).")
+        if name in state.adapter_configs:
+            config_file = state.source / name / files.ADAPTER_CONFIG_FILE if state.source else source
+            files.check_lora_config(state.adapter_configs[name], agent.lora_config, config_file)
+    adapter_weights = {name: state.adapters[name] for name in plan.from_folders}
+    modules = _modules_to_load(agent, state, plan)
     full_state = saved.get("actor_state_dict")
-    engine_dir = path / ENGINE_DIR
+    engine_dir = state.engine_dir
     weights_in_engine = saved["engine_checkpoint"] and not saved["lora_only"]
     use_engine = saved["engine_checkpoint"] and dist.engine is not None and (load_optimizer or weights_in_engine)
     if weights_in_engine and dist.engine is None:
@@ -156,162 +186,29 @@ def load_checkpoint(
             f"{engine_dir} holds this checkpoint's weights in DeepSpeed's engine format; load it into an agent "
             "prepared with the same DeepSpeed setup (or save with lora_only=True / save_optimizer=False instead)."
         )
-    if use_engine and not engine_dir.is_dir():
-        raise FileNotFoundError(f"{engine_dir} is missing: attributes.pt says the DeepSpeed engine state is there.")
-    _check_weights(agent, adapter_weights, full_state, plan, path)
+    if use_engine and (engine_dir is None or not engine_dir.is_dir()):
+        raise FileNotFoundError(f"{engine_dir} is missing: {source} says the DeepSpeed engine state is there.")
+    _check_weights(agent, adapter_weights, full_state, plan, state.source or Path("<memory>"))
     optimizer_state = saved.get("optimizer") if load_optimizer else None
     if optimizer_state is not None and dist.engine is None:
-        _check_optimizer_state(agent, optimizer_state, path / ATTRIBUTES_FILE)
+        _check_optimizer_state(agent, optimizer_state, source)
+    same_algorithm = saved.get("algorithm") == type(agent).__name__  # a resume; a new stage keeps its own
+    if same_algorithm:
+        restored = _restorable_attributes(agent, saved["attributes"])
+        _validate_attributes(agent, restored, source)
 
     # Everything is validated: from here on the live agent changes.
     if use_engine:
         _load_engine(dist.engine, engine_dir, strict=weights_in_engine, load_optimizer=load_optimizer)
     _apply_weights(agent, dist, adapter_weights, full_state, plan)
-    optimizer_loaded = _load_optimizer(agent, dist, saved, load_optimizer, use_engine, path)
-    if saved.get("algorithm") == type(agent).__name__:  # a resume; a new stage (SFT -> GRPO) keeps its own
-        _restore_attributes(agent, saved["attributes"], keep_optimizer_lr=optimizer_loaded)
+    _apply_modules(agent, modules)
+    optimizer_loaded = _load_optimizer(agent, dist, saved, load_optimizer, use_engine, state.source or source)
+    if same_algorithm:
+        _restore_attributes(agent, restored, keep_optimizer_lr=optimizer_loaded)
     dist.wait()
 
 
-# ---------------------------------------------------------------------------------------------- distribution
-class _Distribution:
-    """Which process writes, how to wait for the others, and the DeepSpeed engine (None without DeepSpeed)."""
-
-    def __init__(self, agent: LLMAlgorithm) -> None:
-        self.accelerator = agent.accelerator
-        self.engine = agent._deepspeed_engine()
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
-
-    def wait(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-
-    def refresh_master_weights(self) -> None:
-        """After writing parameters directly, copy them into ZeRO's fp32 master partitions too."""
-        optimizer = getattr(self.engine, "optimizer", None)
-        if hasattr(optimizer, "refresh_fp32_params"):
-            optimizer.refresh_fp32_params()
-
-
-@contextmanager
-def _gathered(parameters: Iterable[torch.nn.Parameter], modify: bool = False) -> Iterator[None]:
-    """Full parameters inside the block under ZeRO-3 (re-partitioned on exit, with rank 0's edits); a no-op otherwise."""
-    parameters = list(parameters)
-    if not any(hasattr(p, "ds_id") for p in parameters):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=0 if modify else None):
-        yield
-
-
-def _lora_parameters(agent: LLMAlgorithm) -> list[torch.nn.Parameter]:
-    return [p for name in agent.adapter_names() for p in agent.adapters.parameters(name)]
-
-
-# ---------------------------------------------------------------------------------------------- saving
-def _attributes_payload(
-    agent: LLMAlgorithm,
-    lora_only: bool,
-    save_optimizer: bool,
-    engine_saves: bool,
-    named: dict[str, torch.nn.Parameter] | None = None,
-) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "algorithm": type(agent).__name__,
-        "attributes": agent.inspect_attributes(agent),
-        "adapters": list(agent.adapter_names()),
-        "lora_config": _plain_lora_config(agent.lora_config),
-        "base_shapes": _base_shapes(agent, named),
-        "lora_only": lora_only,
-        "engine_checkpoint": engine_saves,
-    }
-    if not lora_only and not engine_saves:
-        with _gathered(agent.actor.parameters()):
-            payload["actor_state_dict"] = {k: v.detach().clone() for k, v in agent.actor.state_dict().items()}
-    if save_optimizer:
-        if not engine_saves:
-            payload["optimizer"] = agent.optimizer.state_dict()
-        payload["lr_scheduler"] = agent.lr_scheduler.state_dict() if agent.lr_scheduler is not None else None
-    return payload
-
-
-# id(config) -> (config, a deep copy of its attributes, JSON of files.plain_lora_config(config)); the newest few.
-# Holding the config keeps its id from being reused while it is cached.
-_PLAIN_LORA_CONFIGS: OrderedDict[int, tuple[Any, dict[str, Any], str]] = OrderedDict()
-
-
-def _plain_lora_config(config: Any) -> dict[str, Any]:
-    """``files.plain_lora_config(config)``, a fresh copy each call; converted again (PEFT's ``to_dict`` is a
-    dataclass walk, a good part of a millisecond) only when the config's attributes differ from the last time."""
-    attributes = getattr(config, "__dict__", None)
-    if attributes is None:
-        return files.plain_lora_config(config)
-    cached = _PLAIN_LORA_CONFIGS.get(id(config))
-    if cached is None or cached[0] is not config or cached[1] != attributes:
-        cached = (config, copy.deepcopy(attributes), json.dumps(files.plain_lora_config(config)))
-        _PLAIN_LORA_CONFIGS[id(config)] = cached
-        while len(_PLAIN_LORA_CONFIGS) > 16:
-            _PLAIN_LORA_CONFIGS.popitem(last=False)
-    _PLAIN_LORA_CONFIGS.move_to_end(id(config))
-    return json.loads(cached[2])  # JSON data survives the round trip unchanged
-
-
-def _adapter_weights(agent: LLMAlgorithm) -> dict[str, dict[str, torch.Tensor]]:
-    with _gathered(_lora_parameters(agent)):
-        return {
-            name: {k: v.detach().clone().contiguous() for k, v in agent.adapters.state_dict(name).items()}
-            for name in agent.adapter_names()
-        }
-
-
-# ---------------------------------------------------------------------------------------------- reading and checks
-# actor module -> (the parameter dict it was worked out from, [(plain name, base parameter)])
-_BASE_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _base_shapes(agent: LLMAlgorithm, named: dict[str, torch.nn.Parameter] | None = None) -> dict[str, list[int]]:
-    """Shapes of the frozen base model's parameters (ZeRO-3 aware): the fingerprint of the base model.
-
-    Names are those of the plain model: PEFT's wrappers (``base_layer``, ``original_module``) are dropped, so the
-    fingerprint does not depend on which modules LoRA targets. With ``named`` (from ``_named_parameters``, cached)
-    the name filtering is cached too; the shapes are read afresh every time.
-    """
-    cached = _BASE_PARAMETERS.get(agent.actor) if named is not None else None
-    if cached is None or cached[0] is not named:
-        base = [
-            (name.replace(".base_layer.", ".").replace(".original_module.", "."), parameter)
-            for name, parameter in (agent.actor.named_parameters() if named is None else named.items())
-            if "lora_" not in name and ".modules_to_save." not in name
-        ]
-        cached = (named, base)
-        if named is not None:
-            _BASE_PARAMETERS[agent.actor] = cached
-    return {plain: list(getattr(parameter, "ds_shape", parameter.shape)) for plain, parameter in cached[1]}
-
-
-def _check_base_shapes(saved: dict[str, list[int]], agent: LLMAlgorithm) -> None:
-    live = _base_shapes(agent)
-    missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
-    mismatched = [name for name in sorted(set(saved) & set(live)) if saved[name] != live[name]]
-    if missing or unexpected or mismatched:
-        detail = (
-            f"parameter {mismatched[0]!r} has shape {saved[mismatched[0]]} in the checkpoint but {live[mismatched[0]]} "
-            "here"
-            if mismatched
-            else f"parameters missing from the checkpoint {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-        raise CheckpointError(
-            f"The checkpoint was made for a different base model: {detail}. Build the agent on the base model the "
-            "checkpoint was trained from, then load."
-        )
-
-
+# ---------------------------------------------------------------------------------------------- checks
 class _LoadPlan(SimpleNamespace):
     """Where each live adapter's weights come from: a folder, the full state, the actor, or nowhere (kept)."""
 
@@ -336,7 +233,7 @@ def _check_weights(
     path: Path,
 ) -> None:
     """Every tensor to be loaded has a live counterpart of the same shape (checked before anything changes)."""
-    with _gathered(_lora_parameters(agent)):
+    with gathered(lora_parameters(agent)):
         expected = {
             name: {k: tuple(v.shape) for k, v in agent.adapters.state_dict(name).items()}
             for name in agent.adapter_names()
@@ -378,7 +275,7 @@ def _full_state_subset(full_state: dict[str, torch.Tensor], plan: _LoadPlan) -> 
     return {k: v for k, v in full_state.items() if _belongs(k, plan)}
 
 
-def _check_optimizer_state(agent: LLMAlgorithm, state: dict[str, Any], file: Path) -> None:
+def _check_optimizer_state(agent: LLMAlgorithm, state: dict[str, Any], file: Any) -> None:
     saved_sizes = [len(group["params"]) for group in state.get("param_groups", [])]
     live_sizes = [len(group["params"]) for group in agent.optimizer.param_groups]
     if saved_sizes != live_sizes:
@@ -403,15 +300,16 @@ def _load_engine(engine: Any, engine_dir: Path, strict: bool, load_optimizer: bo
 
 def _apply_weights(
     agent: LLMAlgorithm,
-    dist: _Distribution,
+    dist: Distribution,
     adapter_weights: dict[str, dict[str, torch.Tensor]],
     full_state: dict[str, torch.Tensor] | None,
     plan: _LoadPlan,
 ) -> None:
-    parameters = list(agent.actor.parameters()) if full_state is not None else _lora_parameters(agent)
-    with _gathered(parameters, modify=True):
+    parameters = list(agent.actor.parameters()) if full_state is not None else lora_parameters(agent)
+    with gathered(parameters, modify=True):
         if full_state is not None:
             agent.actor.load_state_dict(_full_state_subset(full_state, plan), strict=False)
+            forget_fingerprint(agent.actor)  # the base weights may have changed
         for name, weights in adapter_weights.items():
             agent.adapters.load_state_dict(name, weights)
         for name in plan.copy_from_actor:
@@ -420,7 +318,7 @@ def _apply_weights(
 
 
 def _load_optimizer(
-    agent: LLMAlgorithm, dist: _Distribution, saved: dict[str, Any], load_optimizer: bool, used_engine: bool, path: Path
+    agent: LLMAlgorithm, dist: Distribution, saved: dict[str, Any], load_optimizer: bool, used_engine: bool, path: Any
 ) -> bool:
     """Restore optimizer and schedule state when asked and present; True when the optimizer state was restored."""
     if not load_optimizer:
@@ -450,12 +348,69 @@ def _load_optimizer(
     return True
 
 
-def _restore_attributes(agent: LLMAlgorithm, attributes: dict[str, Any], keep_optimizer_lr: bool) -> None:
-    """Set the saved hyperparameters back onto an agent of the same class (not those fixed at construction)."""
+def _restorable_attributes(agent: LLMAlgorithm, attributes: dict[str, Any]) -> dict[str, Any]:
+    """The saved hyperparameters an agent of the same class takes back (not those fixed at construction)."""
     live = agent.inspect_attributes(agent)
-    for name, value in attributes.items():
-        if name in live and name not in _FIXED_ATTRIBUTES:
-            setattr(agent, name, value)
+    return {name: value for name, value in attributes.items() if name in live and name not in _FIXED_ATTRIBUTES}
+
+
+def _validate_attributes(agent: LLMAlgorithm, restored: dict[str, Any], source: str) -> None:
+    """The hyperparameters after the load must pass the constructor's own checks (a hand-edited or damaged
+    attributes.pt must not, say, train by gradient ascent with lr < 0)."""
+    candidate = agent.inspect_attributes(agent) | restored
+    try:
+        agent.validate_hyperparameters(candidate)
+    except (ValueError, ValidationError) as error:
+        raise CheckpointError(
+            f"{source} holds hyperparameters this agent rejects: {_first_error(error)}. Nothing was loaded; fix or "
+            "re-save the checkpoint (or load it with load_checkpoint into a fresh agent of another class)."
+        ) from None
+
+
+def _first_error(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}={first.get('input')!r}: {first['msg']}"
+    return str(error)
+
+
+def _restore_attributes(agent: LLMAlgorithm, restored: dict[str, Any], keep_optimizer_lr: bool) -> None:
+    """Set the saved hyperparameters back onto an agent of the same class."""
+    live_lr = agent.lr
+    for name, value in restored.items():
+        setattr(agent, name, value)
     # The agent's lr and its optimizer never disagree: a restored (e.g. evolved) lr reaches the live optimizer.
-    if not keep_optimizer_lr and "lr" in attributes and attributes["lr"] != live.get("lr"):
+    if not keep_optimizer_lr and "lr" in restored and restored["lr"] != live_lr:
         set_learning_rate(agent.optimizer, agent.lr)
+
+
+# ---------------------------------------------------------------------------------------------- extra modules
+def _modules_to_load(agent: LLMAlgorithm, state: AgentState, plan: _LoadPlan) -> dict[str, dict[str, torch.Tensor]]:
+    """The saved extra modules that this load applies (a module that follows an adapter comes with it), each
+    checked against the live module's keys and shapes."""
+    live = agent.checkpoint_modules()
+    chosen = {}
+    for name, spec in live.items():
+        if name not in state.modules:
+            continue  # e.g. a GRPO checkpoint loaded into PPO: the live value head stays
+        if spec.follows_adapter is not None and spec.follows_adapter not in plan.from_checkpoint:
+            continue
+        if spec.follows_adapter is not None and spec.follows_adapter not in state.payload["adapters"]:
+            continue  # that adapter is copied from the actor, not loaded: the module stays too
+        expected = {k: tuple(v.shape) for k, v in spec.module.state_dict().items()}
+        where = (
+            state.source / files.MODULES_DIR / f"{name}.safetensors" if state.source else Path(f"<memory>/{name}")
+        )
+        files.compare_shapes({k: tuple(v.shape) for k, v in state.modules[name].items()}, expected, where)
+        chosen[name] = state.modules[name]
+    return chosen
+
+
+@torch.no_grad()
+def _apply_modules(agent: LLMAlgorithm, modules: dict[str, dict[str, torch.Tensor]]) -> None:
+    live = agent.checkpoint_modules()
+    for name, tensors in modules.items():
+        module = live[name].module
+        current = module.state_dict()
+        module.load_state_dict({k: v.to(current[k].device, current[k].dtype) for k, v in tensors.items()})

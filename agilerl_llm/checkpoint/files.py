@@ -25,7 +25,9 @@ ATTRIBUTES_FILE = "attributes.pt"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ENGINE_DIR = "save_checkpoint"
-FORMAT_VERSION = 1
+MODULES_DIR = "modules"  # <name>.safetensors for each extra module (PPO's value head)
+# 2: extra modules as safetensors files, the base-model fingerprint. Version 1 checkpoints still load.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -37,10 +39,65 @@ def write_adapter(folder: Path, weights: dict[str, torch.Tensor], lora_config: A
     folder.mkdir()
     save_file(weights, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
     lora_config.save_pretrained(str(folder))
+    fsync_file(folder / ADAPTER_WEIGHTS_FILE)
+    fsync_file(folder / ADAPTER_CONFIG_FILE)
 
 
 def save_torch(payload: dict[str, Any], file: Path) -> None:
     torch.save(payload, file)
+    fsync_file(file)
+
+
+def write_tensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+    fsync_file(file)
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing from the checkpoint (attributes.pt lists it).")
+    try:
+        return load_file(str(file))
+    except Exception as error:  # safetensors raises SafetensorError for truncated or damaged files
+        raise CheckpointError(f"{file} is truncated or corrupt and cannot be read: {error}") from None
+
+
+def fsync_file(file: Path) -> None:
+    """Force a written file's data to disk (a crash after this cannot leave it empty or partial)."""
+    descriptor = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Force a folder's entries (new names, renames) to disk; a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder (deepest first): all of it is on disk afterwards,
+    whoever wrote it (our writers, PEFT's config writer, DeepSpeed's engine)."""
+    folders = [folder]
+    for entry in sorted(folder.rglob("*")):
+        if entry.is_symlink():
+            continue
+        if entry.is_file():
+            fsync_file(entry)
+        elif entry.is_dir():
+            folders.append(entry)
+    for sub in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(sub)
 
 
 def check_target(path: Path) -> None:
@@ -55,14 +112,20 @@ def check_target(path: Path) -> None:
 
 
 def publish(staging: Path, path: Path) -> None:
-    """Move the complete ``staging`` folder to ``path``; an older checkpoint there is deleted only afterwards."""
+    """Move the complete ``staging`` folder to ``path``; an older checkpoint there is deleted only afterwards.
+
+    Everything in ``staging`` is fsynced first, and the parent folder after the rename, so the published folder
+    is on disk whole before anyone (the run manager's completeness marker, its pointer) refers to it."""
+    fsync_tree(staging)
     if not path.exists():
         os.rename(staging, path)
+        fsync_dir(path.parent)
         return
     replaced = path.with_name(f".{path.name}.replaced")
     remove_folder(replaced)
     os.rename(path, replaced)
     os.rename(staging, path)
+    fsync_dir(path.parent)
     remove_folder(replaced)
 
 
@@ -79,9 +142,18 @@ def read_attributes(path: Path) -> dict[str, Any]:
     file = path / ATTRIBUTES_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: {path} is not a complete agent checkpoint.")
+    with open(file, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive; anything else is damage, not a pickle to refuse
+        raise CheckpointError(
+            f"{file} is not a torch checkpoint archive (it does not start like a zip file): it is truncated or "
+            "corrupt. Resume from another checkpoint."
+        )
     try:
         saved = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower() and "unsupported global" not in str(error).lower():
+            raise CheckpointError(f"{file} is truncated or corrupt and cannot be read: {error}") from None
         raise CheckpointError(
             f"{file} holds objects other than tensors and plain Python data; refusing to unpickle it, since that "
             f"could run arbitrary code. Only load checkpoints written by save_checkpoint. ({error})"
@@ -96,10 +168,14 @@ def read_attributes(path: Path) -> dict[str, Any]:
             f"{file} has format_version={saved['format_version']}, newer than this release reads ({FORMAT_VERSION}); "
             "upgrade agilerl_llm."
         )
+    saved.setdefault("modules", {})  # version 1 had no extra modules and no fingerprint
+    saved.setdefault("base_fingerprint", None)
     return saved
 
 
-def read_adapter(folder: Path, live_config: Any) -> dict[str, torch.Tensor]:
+def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An adapter folder's parsed adapter_config.json and its weights (compare the config with
+    ``check_lora_config``)."""
     config_file, weights_file = folder / ADAPTER_CONFIG_FILE, folder / ADAPTER_WEIGHTS_FILE
     for file in (config_file, weights_file):
         if not file.is_file():
@@ -108,9 +184,10 @@ def read_adapter(folder: Path, live_config: Any) -> dict[str, torch.Tensor]:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_file} is corrupt and cannot be parsed: {error}") from None
-    check_lora_config(config, live_config, config_file)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} is corrupt: expected a JSON object.")
     try:
-        return load_file(str(weights_file))
+        return config, load_file(str(weights_file))
     except Exception as error:  # safetensors raises SafetensorError for truncated or damaged files
         raise CheckpointError(f"{weights_file} is truncated or corrupt and cannot be read: {error}") from None
 

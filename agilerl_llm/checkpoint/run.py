@@ -41,11 +41,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 
-from agilerl_llm.checkpoint.agent import _Distribution
 from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
 from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
 from agilerl_llm.checkpoint.rng import capture_rng, restore_rng
-from agilerl_llm.checkpoint.snapshot import AgentSnapshot, snapshot_checkpoint, write_snapshot
+from agilerl_llm.checkpoint.snapshot import snapshot_checkpoint, write_snapshot
+from agilerl_llm.checkpoint.state import AgentState, Distribution
 from agilerl_llm.checkpoint.storage import (
     RemoteStore,
     basename,
@@ -154,14 +154,14 @@ class CheckpointManager:
         self.config = config
         self._store = RemoteStore(config.path, config.storage_options) if is_remote(config.path) else None
         self.path: Path | str = self._store.url if self._store is not None else Path(config.path)
-        self._dist = _Distribution(dist_agent) if dist_agent is not None else None
+        self._dist = Distribution(dist_agent) if dist_agent is not None else None
         if self._store.isfile("") if self._store is not None else self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(f"checkpoint path {self.path} exists and is not a folder.")
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         # The last async snapshot of each population slot, kept so that the next one can reuse its host buffers.
         # Only ever reused after ``wait()``: by then the write that read it is over.
-        self._snapshots: dict[int, AgentSnapshot] = {}
+        self._snapshots: dict[int, AgentState] = {}
         if self._is_main:
             if self._store is None:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -343,7 +343,7 @@ class CheckpointManager:
             staging.mkdir(parents=True)
         self._wait()
         save_async = self.config.save_async and self._can_snapshot(pop)
-        snapshots: list[AgentSnapshot] = []
+        snapshots: list[AgentState] = []
         # The previous snapshots are overwritten below; the write that read them must be over (``wait()`` above).
         assert self._pending is None, "a background write is still in flight"
         for i, agent in enumerate(pop):
@@ -392,7 +392,7 @@ class CheckpointManager:
         self,
         step: int,
         staging: Path,
-        snapshots: list[AgentSnapshot],
+        snapshots: list[AgentState],
         rng_tensors: dict[str, torch.Tensor],
         rng_file: str,
         state_text: str,

@@ -1,8 +1,8 @@
-"""In-memory snapshots of an agent checkpoint, for saving in a background thread (``save_async``).
+"""Fast host copies of an agent's checkpoint state, for saving in a background thread (``save_async``).
 
-``snapshot_checkpoint`` captures exactly what ``save_checkpoint`` (``agent.py``) would write: the attributes payload
-(hyperparameters, optimizer and LR-schedule state) and the adapter weights, copied to host memory so training can go
-on while ``write_snapshot`` writes them with the same files, bytes and atomic staging as a synchronous save.
+``snapshot_checkpoint`` is ``agent.checkpoint_state(to_host=True)`` (the contract in ``state.py``): exactly what
+``save_checkpoint`` writes, copied to host memory so training can go on while ``write_snapshot`` writes it with the
+same files, bytes and atomic staging as a synchronous save.
 
 The copy is the part of a save the training loop waits for, so it is kept short: the previous snapshot's host
 tensors are reused as destinations when they fit (one batched copy instead of fresh allocations), and the walk over
@@ -22,20 +22,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from agilerl_llm.checkpoint import files
-from agilerl_llm.checkpoint.agent import _adapter_weights, _attributes_payload, _Distribution
-from agilerl_llm.checkpoint.files import ATTRIBUTES_FILE
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
-
-
-@dataclass
-class AgentSnapshot:
-    """What ``save_checkpoint`` writes for one agent, captured in memory (see ``snapshot_checkpoint``)."""
-
-    payload: dict[str, Any]
-    adapters: dict[str, dict[str, torch.Tensor]]
-    lora_config: Any
+    from agilerl_llm.checkpoint.state import AgentState
 
 
 def snapshot_checkpoint(
@@ -43,52 +33,28 @@ def snapshot_checkpoint(
     lora_only: bool = True,
     save_optimizer: bool = True,
     to_host: bool = True,
-    reuse: AgentSnapshot | None = None,
-) -> AgentSnapshot:
-    """Capture what ``save_checkpoint`` would write, without touching the disk (every rank calls it).
-
-    With ``to_host`` every tensor is copied to CPU memory and every container copied, so the snapshot stays
-    fixed while training goes on and ``write_snapshot`` can run in another thread. Not for agents with a
-    DeepSpeed engine that saves the optimizer (the engine writes its own state, collectively).
+    reuse: AgentState | None = None,
+) -> AgentState:
+    """``agent.checkpoint_state(...)`` with ``to_host=True`` by default: a copy that later training does not reach.
 
     ``reuse``: an earlier host snapshot whose tensors may be overwritten to hold this one (each tensor of the same
     place, shape, dtype and strides is filled with ``copy_`` instead of a fresh allocation; anything else is copied
     fresh). The earlier snapshot is clobbered: pass one only when nothing reads it any more (its write is done).
     """
-    dist = _Distribution(agent)
-    if dist.engine is not None and save_optimizer:
-        raise ValueError("a DeepSpeed engine writes its optimizer state itself; use save_checkpoint instead.")
-    named = _named_parameters(agent.actor)  # base shapes and adapter weights, without a module walk per save
-    payload = _attributes_payload(agent, lora_only, save_optimizer, engine_saves=False, named=named)
-    reuse = reuse if to_host else None
-    copier = _HostCopier()  # copies into the reused tensors, all at once at the end
-    adapters: dict[str, dict[str, torch.Tensor]] | None = {}
-    if lora_only:  # the fast path's weights are host copies already
-        adapters = _adapter_weights_fast(agent, named, reuse.adapters if reuse is not None else None, copier)
-        if adapters is None:
-            adapters = _adapter_weights(agent)
-            if to_host:
-                adapters = {name: {k: v.to("cpu") for k, v in weights.items()} for name, weights in adapters.items()}
-    if to_host:
-        payload = _host_copy(payload, reuse.payload if reuse is not None else None, copier)
-    copier.flush()
-    # The live LoRA config, not a copy: it never changes after the agent is built, and copying its target_modules
-    # set could reorder it, so adapter_config.json would differ from a synchronous save's.
-    return AgentSnapshot(payload=payload, adapters=adapters, lora_config=agent.lora_config)
+    return agent.checkpoint_state(lora_only=lora_only, save_optimizer=save_optimizer, to_host=to_host, reuse=reuse)
 
 
-def write_snapshot(snapshot: AgentSnapshot, path: str | os.PathLike) -> None:
+def write_snapshot(snapshot: AgentState, path: str | os.PathLike) -> None:
     """Write a snapshot to the folder ``path`` exactly as ``save_checkpoint`` would (same files, same atomic
     staging + rename). Pure file I/O in the calling process: no collective calls, safe in a background thread."""
+    from agilerl_llm.checkpoint.state import write_state
+
     path = Path(path)
     staging = path.with_name(f".{path.name}.incomplete")
     files.check_target(path)
     files.remove_folder(staging)
-    staging.mkdir(parents=True)
     try:
-        files.save_torch(snapshot.payload, staging / ATTRIBUTES_FILE)
-        for name, weights in snapshot.adapters.items():
-            files.write_adapter(staging / name, weights, snapshot.lora_config)
+        write_state(snapshot, staging)
         files.publish(staging, path)
     except BaseException:
         files.remove_folder(staging)
@@ -134,7 +100,7 @@ class _ParameterCache:
 _PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """``dict(module.named_parameters())``, cached per module while its module tree is unchanged: a PEFT model has
     about a thousand modules, and checking every submodule and parameter entry by identity (a few C-level passes)
     is several times cheaper than the walk that builds the names."""
@@ -149,13 +115,13 @@ def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 _ADAPTER_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _adapter_weights_fast(
+def adapter_weights_fast(
     agent: LLMAlgorithm,
     named: dict[str, torch.nn.Parameter],
     reuse: dict[str, dict[str, torch.Tensor]] | None = None,
-    copier: _HostCopier | None = None,
+    copier: HostCopier | None = None,
 ) -> dict[str, dict[str, torch.Tensor]] | None:
-    """``_adapter_weights`` as host copies, without PEFT's state-dict walk (tens of ms per adapter): PEFT's key for each LoRA
+    """``state._adapter_weights`` as host copies, without PEFT's state-dict walk (tens of ms per adapter): PEFT's key for each LoRA
     parameter is worked out once per model and reused while the model's LoRA parameter names are unchanged.
     None when that does not apply (ZeRO-3 partitioned parameters, or PEFT keys that are not plain parameters).
     ``reuse``: earlier host copies (same layout) to overwrite instead of allocating (see ``snapshot_checkpoint``);
@@ -175,7 +141,7 @@ def _adapter_weights_fast(
         return None
     reuse = reuse or {}
     own = copier is None
-    copier = _HostCopier() if own else copier
+    copier = HostCopier() if own else copier
     weights: dict[str, dict[str, torch.Tensor]] = {adapter: {} for adapter in agent.adapter_names()}
     for (adapter, key, _), parameter in zip(cached[2], cached[3], strict=True):
         weights[adapter][key] = copier.tensor(parameter, reuse.get(adapter, {}).get(key), contiguous=True)
@@ -215,7 +181,7 @@ def _fits(old: Any, value: torch.Tensor) -> bool:
     )
 
 
-class _HostCopier:
+class HostCopier:
     """Copies tensors to host memory, into earlier copies where they fit (``_fits``), else into fresh tensors.
 
     Copies into earlier tensors are queued and done by ``flush()`` in one ``torch._foreach_copy_`` call (hundreds
@@ -255,15 +221,15 @@ class _HostCopier:
 _IMMUTABLE = (int, float, bool, str, bytes, type(None))
 
 
-def _host_copy(value: Any, reuse: Any = None, copier: _HostCopier | None = None) -> Any:
+def host_copy(value: Any, reuse: Any = None, copier: HostCopier | None = None) -> Any:
     """A copy of plain data with every tensor copied to CPU (nothing shared with the live training state).
 
     ``reuse``: an earlier result for data of the same structure; its tensors are overwritten where they fit
     (``_fits``) instead of allocating fresh ones. With ``copier`` those copies are only queued: call its
     ``flush()`` before the result is read."""
     if copier is None:
-        copier = _HostCopier()
-        result = _host_copy(value, reuse, copier)
+        copier = HostCopier()
+        result = host_copy(value, reuse, copier)
         copier.flush()
         return result
     if isinstance(value, torch.Tensor):
@@ -280,10 +246,10 @@ def _host_copy(value: Any, reuse: Any = None, copier: _HostCopier | None = None)
             elif isinstance(v, torch.Tensor):
                 result[k] = copier.tensor(v, old.get(k))
             else:
-                result[k] = _host_copy(v, old.get(k), copier)
+                result[k] = host_copy(v, old.get(k), copier)
         return result
     if kind in (list, tuple):
         if type(reuse) is not kind or len(reuse) != len(value):
             reuse = (None,) * len(value)
-        return kind(_host_copy(v, r, copier) for v, r in zip(value, reuse, strict=True))
+        return kind(host_copy(v, r, copier) for v, r in zip(value, reuse, strict=True))
     return copy.deepcopy(value)

@@ -85,7 +85,8 @@ def _train_step(agent: LLMAlgorithm, env: ReasoningGym, prompts: Any) -> dict[st
     metrics = agent.learn((result.completion_ids, result.action_masks, rewards, result.attention_mask))
     finished = time.perf_counter()
     tokens = int(result.attention_mask.sum())
-    return {
+    critic = {"loss/value": metrics["value_loss"]} if "value_loss" in metrics else {}  # PPO's critic
+    return critic | {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         "loss/policy": metrics["mean_loss"],

@@ -1,11 +1,13 @@
-"""A tiny GRPO run in its own process, for the crash / resume test of run checkpoints.
+"""A tiny GRPO or PPO run in its own process, for the crash / resume tests of run checkpoints.
 
-Usage: resume_worker.py MODE MODEL_DIR CKPT_DIR OUT_DIR TOTAL_STEPS INTERVAL
+Usage: resume_worker.py MODE MODEL_DIR CKPT_DIR OUT_DIR TOTAL_STEPS INTERVAL [ALGORITHM [SAVE]]
+  ALGORITHM  grpo (default) or ppo;  SAVE  sync (default) or async (CheckpointConfig.save_async).
   full    train TOTAL_STEPS steps in one go (checkpointing every INTERVAL steps) and write the results.
   crash   same, but at the log of step INTERVAL+1 (the step-INTERVAL checkpoint is complete by then) write
           OUT_DIR/ready and sleep, waiting for the parent's SIGKILL.
   resume  build everything afresh, resume from the newest checkpoint under CKPT_DIR, finish the run.
-Results: OUT_DIR/history.json (per-step metrics) and OUT_DIR/adapters.safetensors (every LoRA parameter).
+Results: OUT_DIR/history.json (per-step metrics) and OUT_DIR/adapters.safetensors (every LoRA parameter, and the
+tensors of every extra checkpoint module such as PPO's value head, as ``module.<name>.<key>``).
 """
 
 from __future__ import annotations
@@ -26,14 +28,22 @@ torch.set_num_threads(1)
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from agilerl_llm import GRPO  # noqa: E402
+from agilerl_llm import GRPO, LLMPPO  # noqa: E402
 from agilerl_llm.checkpoint import CheckpointConfig  # noqa: E402
 from agilerl_llm.envs.reasoning import ReasoningGym  # noqa: E402
 from agilerl_llm.training.logging import MetricsLogger  # noqa: E402
 from agilerl_llm.training.reasoning import finetune_llm_reasoning  # noqa: E402
 
 DATA = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(0, 70, 10) for b in range(3)]
-DETERMINISTIC = ("reward/mean", "reward/std", "loss/policy", "loss/kl", "policy/grad_norm", "completion/length")
+DETERMINISTIC = (
+    "reward/mean",
+    "reward/std",
+    "loss/policy",
+    "loss/kl",
+    "loss/value",
+    "policy/grad_norm",
+    "completion/length",
+)
 
 
 def reward(completion: str, answer: str, prompt: str) -> float:
@@ -56,23 +66,25 @@ class StallingLogger(MetricsLogger):
 
 def main() -> None:
     mode, model_dir, ckpt_dir, out_dir, total, interval = sys.argv[1:7]
+    algorithm = sys.argv[7] if len(sys.argv) > 7 else "grpo"
+    save_async = len(sys.argv) > 8 and sys.argv[8] == "async"
     total, interval, out = int(total), int(interval), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    agent = GRPO(
-        tokenizer.pad_token_id,
-        tokenizer.pad_token,
-        actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
-        group_size=3,
-        max_output_tokens=4,
-        batch_size=6,
-        beta=0.05,
-        lr=5e-2,
-        seed=7,
-        gradient_checkpointing=False,
-    )
+    common = {
+        "actor_network": AutoModelForCausalLM.from_pretrained(model_dir),
+        "max_output_tokens": 4,
+        "beta": 0.05,
+        "lr": 5e-2,
+        "seed": 7,
+        "gradient_checkpointing": False,
+    }
+    if algorithm == "ppo":
+        agent = LLMPPO(tokenizer.pad_token_id, tokenizer.pad_token, group_size=2, batch_size=4, **common)
+    else:
+        agent = GRPO(tokenizer.pad_token_id, tokenizer.pad_token, group_size=3, batch_size=6, **common)
     env = ReasoningGym(DATA[:15], DATA[15:17], tokenizer, reward, data_batch_size_per_gpu=2, seed=3)
-    config = CheckpointConfig(path=ckpt_dir, interval=interval, resume="latest")
+    config = CheckpointConfig(path=ckpt_dir, interval=interval, resume="latest", save_async=save_async)
     logger = StallingLogger(interval + 1 if mode == "crash" else None, out / "ready")
     _, history = finetune_llm_reasoning(
         [agent],
@@ -89,6 +101,9 @@ def main() -> None:
     ]
     (out / "history.json").write_text(json.dumps(rows))
     weights = {name: p.detach().clone().contiguous() for name, p in agent.actor.named_parameters() if "lora_" in name}
+    for module_name, spec in agent.checkpoint_modules().items():
+        for key, tensor in spec.module.state_dict().items():
+            weights[f"module.{module_name}.{key}"] = tensor.detach().clone().contiguous()
     save_file(weights, str(out / "adapters.safetensors"))
 
 
