@@ -399,3 +399,66 @@ def test_attributes_hold_only_plain_data(trained, tmp_path):
 def _write_object(file: Path) -> Path:
     torch.save({"config": CosineLRScheduleConfig(num_epochs=3)}, file)
     return file
+
+
+# ---------------------------------------------------------------------------------------------- edge checks
+def test_a_base_with_the_same_shapes_but_other_weights_is_refused(
+    tiny_model_dir, tokenizer, tmp_path_factory, tmp_path
+):
+    """Same architecture and shapes, different weights: the fingerprint catches it unless the caller opts out."""
+    twin_dir = save_tiny_model(tmp_path_factory.mktemp("twin"), "nano", architecture="qwen2", seed=5)
+    trained_on_twin = make_agent(twin_dir, tokenizer)
+    learn(trained_on_twin, 0)
+    trained_on_twin.save_checkpoint(tmp_path / "ckpt")
+    live = make_agent(tiny_model_dir, tokenizer)
+    before = weights(live)
+    with pytest.raises(CheckpointError, match=r"another base model.*base weights differ.*check_base_model=False"):
+        live.load_checkpoint(tmp_path / "ckpt")
+    assert_same_weights(before, weights(live))
+    live.load_checkpoint(tmp_path / "ckpt", check_base_model=False)  # the caller's explicit choice
+    assert_same_weights(weights(trained_on_twin), weights(live), only=".actor.")
+    make_agent(twin_dir, tokenizer).load_checkpoint(tmp_path / "ckpt")  # the right base loads
+
+
+def test_the_fingerprint_ignores_the_dtype_and_the_adapters(tiny_model_dir, tokenizer):
+    from agilerl_llm.checkpoint.state import base_fingerprint
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    in_bf16 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    agent = make_agent(tiny_model_dir, tokenizer)
+    assert base_fingerprint(plain) == base_fingerprint(in_bf16) == base_fingerprint(agent.actor)
+    with torch.no_grad():  # another base: every weight differs (as after full fine-tuning)
+        for parameter in plain.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)
+    from agilerl_llm.checkpoint.state import forget_fingerprint
+
+    forget_fingerprint(plain)
+    assert base_fingerprint(plain) != base_fingerprint(in_bf16)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("lr", -1.0), ("update_epochs", 0), ("group_size", 1), ("temperature", 0.0)]
+)
+def test_restored_hyperparameters_are_validated_like_the_constructor(
+    trained, tiny_model_dir, tokenizer, tmp_path, name, value
+):
+    trained.save_checkpoint(tmp_path / "ckpt")
+    file = tmp_path / "ckpt" / "attributes.pt"
+    saved = torch.load(file, weights_only=True)
+    saved["attributes"][name] = value
+    torch.save(saved, file)
+    live = make_agent(tiny_model_dir, tokenizer)
+    before, live_value = weights(live), getattr(live, name)
+    with pytest.raises(CheckpointError, match=rf"attributes\.pt holds hyperparameters.*{name}"):
+        live.load_checkpoint(file.parent)
+    assert getattr(live, name) == live_value
+    assert_same_weights(before, weights(live))
+
+
+def test_garbage_attributes_are_reported_as_corrupt_not_as_pickled_objects(
+    trained, tiny_model_dir, tokenizer, tmp_path
+):
+    trained.save_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "attributes.pt").write_bytes(b"\x00garbage, not an archive" * 10)
+    with pytest.raises(CheckpointError, match="not a torch checkpoint archive.*truncated or corrupt"):
+        make_agent(tiny_model_dir, tokenizer).load_checkpoint(tmp_path / "ckpt")
