@@ -144,22 +144,22 @@ def _list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'step':>8}  {'size (MB)':>10}  {'state':<10}  {'latest':<6}  folder")
     for info in infos:
-        state = "complete" if info.complete else "incomplete"
+        state = "damaged" if info.problem else "complete" if info.complete else "incomplete"
         latest = "*" if info.is_latest else ""
         print(f"{info.step:>8}  {info.size / 1e6:>10.2f}  {state:<10}  {latest:<6}  {basename(info.folder)}")
+    for info in infos:
+        if info.problem:
+            print(f"step {info.step} is damaged (a resume skips it): {info.problem}")
     return EXIT_OK
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from agilerl_llm.checkpoint.catalog import run_location, verify_checkpoint
-    from agilerl_llm.checkpoint.storage import RemoteStore
+    from agilerl_llm.checkpoint.catalog import run_store, verify_checkpoint
 
     options = parse_storage_options(args.storage_option)
-    location = run_location(args.path)
-    exists = RemoteStore(location, options).exists() if isinstance(location, str) else location.is_dir()
-    if not exists:
+    if not run_store(args.path, options).isdir():
         raise _UsageError(f"no such folder: {args.path}")
-    problems = verify_checkpoint(location, step=args.step, storage_options=options)
+    problems = verify_checkpoint(args.path, step=args.step, storage_options=options)
     if not problems:
         print("OK")
         return EXIT_OK
@@ -170,81 +170,50 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from agilerl_llm.checkpoint.catalog import run_location
+    """Find the step folder (the one given, ``--step``, or the latest), materialise its ``agent_<I>`` folder
+    locally (a download for a URL) and export that."""
+    from agilerl_llm.checkpoint.catalog import list_checkpoints, run_store
+    from agilerl_llm.checkpoint.run import STEP_PREFIX, TRAINER_STATE_FILE
+    from agilerl_llm.checkpoint.storage import basename
 
-    location = run_location(args.path)
-    if isinstance(location, str):
-        return _export_remote(args, location, parse_storage_options(args.storage_option))
-    return _export_local(args, location)
-
-
-def _export_local(args: argparse.Namespace, path: Path) -> int:
-    from agilerl_llm.checkpoint.catalog import list_checkpoints
-    from agilerl_llm.checkpoint.run import STEP_PREFIX, CheckpointManager
-
-    if CheckpointManager.is_complete(path) and args.step is None:
-        step_dir = path  # one global_step_<N> folder
+    options = parse_storage_options(args.storage_option)
+    store = run_store(args.path, options)
+    if not store.isdir():
+        raise _UsageError(f"no such folder: {args.path}")
+    if args.step is None and basename(store.location()).startswith(STEP_PREFIX) and store.isfile(TRAINER_STATE_FILE):
+        step_store = store  # one global_step_<N> folder
     else:
-        if not path.is_dir():
-            raise _UsageError(f"no such folder: {path}")
-        complete = [info for info in list_checkpoints(path) if info.complete]
+        complete = [info for info in list_checkpoints(args.path, options) if info.complete and not info.problem]
         if not complete:
-            raise _UsageError(f"no complete {STEP_PREFIX}<N> folder under {path}")
+            raise _UsageError(f"no complete {STEP_PREFIX}<N> folder under {store.location()}")
         if args.step is None:
-            step_dir = next((info.folder for info in complete if info.is_latest), complete[-1].folder)
+            step = next((info.step for info in complete if info.is_latest), complete[-1].step)
         else:
-            step_dir = path / f"{STEP_PREFIX}{args.step}"
-            if not CheckpointManager.is_complete(step_dir):
-                steps = [info.step for info in complete]
-                raise _UsageError(f"--step {args.step}: {step_dir} is not a complete checkpoint (complete: {steps})")
-    agent_dir = step_dir / f"agent_{args.agent}"
-    if not agent_dir.is_dir():
-        agents = sorted(p.name for p in step_dir.iterdir() if p.name.startswith("agent_"))
-        raise _UsageError(f"--agent {args.agent}: {agent_dir} does not exist (agents: {agents})")
-    return _export_agent(args, agent_dir)
+            step = args.step
+            steps = [info.step for info in complete]
+            if step not in steps:
+                raise _UsageError(
+                    f"--step {step}: {store.location(f'{STEP_PREFIX}{step}')} is not a complete checkpoint "
+                    f"(complete: {steps})"
+                )
+        step_store = store.sub(f"{STEP_PREFIX}{step}")
+    agent = f"agent_{args.agent}"
+    if not step_store.isdir(agent):
+        agents = [name for name in step_store.listdir() if name.startswith("agent_")]
+        raise _UsageError(f"--agent {args.agent}: {step_store.location(agent)} does not exist (agents: {agents})")
+    with step_store.materialize_some([agent]) as local:
+        return _export_agent(args, local / agent, shown=step_store.location(agent))
 
 
-def _export_agent(args: argparse.Namespace, agent_dir: Path, shown: str | None = None) -> int:
+def _export_agent(args: argparse.Namespace, agent_dir: Path, shown: Path | str) -> int:
     """Export the local ``agent_<I>`` folder; ``shown`` names it in messages (its URL for a downloaded one)."""
     from agilerl_llm.checkpoint.export import export_checkpoint
     from agilerl_llm.checkpoint.files import read_attributes
 
-    base_model = args.base_model or _saved_base_model(read_attributes(agent_dir), shown or agent_dir)
+    base_model = args.base_model or _saved_base_model(read_attributes(agent_dir), shown)
     out = export_checkpoint(agent_dir, args.out, base_model=base_model, tokenizer=args.tokenizer)
-    print(f"exported {shown or agent_dir} (base model {base_model}) to {out}")
+    print(f"exported {shown} (base model {base_model}) to {out}")
     return EXIT_OK
-
-
-def _export_remote(args: argparse.Namespace, url: str, options: dict) -> int:
-    """Find the step folder at ``url``, download only its ``agent_<I>`` folder and export that."""
-    from agilerl_llm.checkpoint.catalog import list_checkpoints, remote_download
-    from agilerl_llm.checkpoint.run import STEP_PREFIX, TRAINER_STATE_FILE
-    from agilerl_llm.checkpoint.storage import RemoteStore, basename
-
-    store = RemoteStore(url, options)
-    if not store.exists():
-        raise _UsageError(f"no such folder: {url}")
-    step_name = basename(url)
-    if args.step is None and step_name.startswith(STEP_PREFIX) and store.isfile(TRAINER_STATE_FILE):
-        step_url = url  # one global_step_<N> folder
-    else:
-        complete = [info for info in list_checkpoints(url, options) if info.complete]
-        if not complete:
-            raise _UsageError(f"no complete {STEP_PREFIX}<N> folder under {url}")
-        if args.step is None:
-            step_url = next((info.folder for info in complete if info.is_latest), complete[-1].folder)
-        else:
-            step_url = store.url_of(f"{STEP_PREFIX}{args.step}")
-            steps = [info.step for info in complete]
-            if args.step not in steps:
-                raise _UsageError(f"--step {args.step}: {step_url} is not a complete checkpoint (complete: {steps})")
-    step_store = RemoteStore(step_url, options)
-    agent = f"agent_{args.agent}"
-    if not step_store.exists(agent):
-        agents = [name for name in step_store.listdir() if name.startswith("agent_")]
-        raise _UsageError(f"--agent {args.agent}: {step_store.url_of(agent)} does not exist (agents: {agents})")
-    with remote_download(step_url, [agent], options) as local:
-        return _export_agent(args, local / agent, shown=step_store.url_of(agent))
 
 
 def _saved_base_model(saved: dict, agent_dir: Path | str) -> str:

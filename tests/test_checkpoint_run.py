@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from agilerl_llm.checkpoint import CheckpointConfig, CheckpointManager
 from agilerl_llm.checkpoint.run import POINTER_FILE, TRAINER_STATE_FILE
+from agilerl_llm.checkpoint.storage import LOCK_FILE
 
 WORKER = Path(__file__).parent / "distributed" / "resume_worker.py"
 
@@ -80,6 +81,9 @@ def test_save_writes_step_folders_pointer_and_trainer_state(tmp_path, tiny_model
     state = json.loads((folder / TRAINER_STATE_FILE).read_text())
     assert state["global_step"] == 4 and state["samples_seen"] == 12 and state["wandb_run_id"] == "abc"
     assert state["env_state"] == env.state_dict()
+    hidden = [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]
+    assert hidden == [LOCK_FILE]  # no staging leftovers; the writer lock while the manager is open
+    manager.close()
     assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]
 
 
@@ -188,6 +192,7 @@ def test_resume_modes(tmp_path, tokenizer, agent):
 
     fresh = CheckpointManager(CheckpointConfig(path=tmp_path / "ck", resume="none", overwrite=True))
     assert fresh.restore([agent], env) is None
+    fresh.close()  # releases the writer lock
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["notes.txt"]  # only our checkpoints are deleted
 
 

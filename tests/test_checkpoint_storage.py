@@ -211,6 +211,7 @@ def test_resume_none_on_s3_refuses_then_overwrite_deletes_only_checkpoints(tiny_
 
     fresh = CheckpointManager(CheckpointConfig(path=url, resume="none", overwrite=True, storage_options=options))
     assert fresh.restore([agent], env) is None
+    fresh.close()  # releases the writer lock
     assert remote_files(fs, url) == ["notes.txt"]
 
 

@@ -167,7 +167,9 @@ def apply_state(
     check_base_shapes(saved["base_shapes"], agent)  # first: another base model also resolves LoRA targets differently
     files.check_lora_config(saved["lora_config"], agent.lora_config, source)
     if check_base_model and saved["lora_only"]:  # a full checkpoint brings its own base weights
-        check_base_fingerprint(saved.get("base_fingerprint"), agent.actor, source, saved["attributes"].get("model_name"))
+        check_base_fingerprint(
+            saved.get("base_fingerprint"), agent.actor, source, saved["attributes"].get("model_name")
+        )
     plan = _LoadPlan.make(agent, saved, overwrite_reference_adapter, overwrite_critic_adapter)
     for name in plan.from_folders:
         if name not in state.adapters:
@@ -399,9 +401,7 @@ def _modules_to_load(agent: LLMAlgorithm, state: AgentState, plan: _LoadPlan) ->
         if spec.follows_adapter is not None and spec.follows_adapter not in state.payload["adapters"]:
             continue  # that adapter is copied from the actor, not loaded: the module stays too
         expected = {k: tuple(v.shape) for k, v in spec.module.state_dict().items()}
-        where = (
-            state.source / files.MODULES_DIR / f"{name}.safetensors" if state.source else Path(f"<memory>/{name}")
-        )
+        where = state.source / files.MODULES_DIR / f"{name}.safetensors" if state.source else Path(f"<memory>/{name}")
         files.compare_shapes({k: tuple(v.shape) for k, v in state.modules[name].items()}, expected, where)
         chosen[name] = state.modules[name]
     return chosen

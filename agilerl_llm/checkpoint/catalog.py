@@ -1,10 +1,11 @@
-"""Inspect run checkpoints on disk: list the step folders of a run and verify that they can be read back.
+"""Inspect run checkpoints: list the step folders of a run and verify that they can be read back.
 
 Both work on the layout ``CheckpointManager`` writes (see ``agilerl_llm.checkpoint.run``), in a local folder or
-at an fsspec URL (``s3://``, ``gs://``, ``memory://``...; ``storage_options`` as for ``CheckpointConfig``). Listing
-a URL reads only the listing and the latest pointer; verifying one downloads the step folders it checks into a
-temporary local folder (removed afterwards) and names the remote files in its problems. Nothing here changes a
-file.
+at an fsspec URL (``s3://``, ``gs://``, ``memory://``...; ``storage_options`` as for ``CheckpointConfig``), through
+one ``storage.Store``. Listing reads the listing and the latest pointer, and verifies the newest steps until one
+reads back whole (that is the step a resume would pick; a damaged newer one is listed as damaged). Verifying
+reads every file of the step folders it checks (downloaded into a temporary local folder for a URL, removed
+afterwards); problems name the files. Nothing here changes a file.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from agilerl_llm.checkpoint.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ATTRIBUTES_FILE
-from agilerl_llm.checkpoint.run import POINTER_FILE, RNG_FILE, STEP_PREFIX, TRAINER_STATE_FILE, CheckpointManager
-from agilerl_llm.checkpoint.storage import RemoteStore, basename, is_remote, normalize_location
+from agilerl_llm.checkpoint.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ATTRIBUTES_FILE, MODULES_DIR
+from agilerl_llm.checkpoint.run import POINTER_FILE, RNG_FILE, STEP_PREFIX, TRAINER_STATE_FILE
+from agilerl_llm.checkpoint.storage import Store, normalize_location
 from agilerl_llm.model.adapters import ADAPTER_NAMES
 
 # Keys every trainer_state.json holds (written by CheckpointManager.save).
@@ -34,7 +32,6 @@ ATTRIBUTE_KEYS = ("format_version", "attributes", "lora_config", "base_shapes", 
 
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d+)$")
 _TEMP_STEP_RE = re.compile(rf"^\.{STEP_PREFIX}(\d+)\.(incomplete|replaced)$")
-_REMOTE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -46,8 +43,10 @@ class StepInfo:
         folder: its path (a hidden ``.global_step_<N>.incomplete`` folder for an interrupted save); a URL string
             for a run on an fsspec filesystem.
         size: bytes of all files below it.
-        complete: it has its final name and ``trainer_state.json`` (written last), so a resume may use it.
+        complete: it has its final name and ``trainer_state.json`` (written last).
         is_latest: it is the step a resume with resume="latest" would continue from.
+        problem: why a complete step that a resume would skip cannot be read back (None when it verified or was
+            not checked: only steps newer than the latest are).
     """
 
     step: int
@@ -55,74 +54,38 @@ class StepInfo:
     size: int
     complete: bool
     is_latest: bool
+    problem: str | None = None
 
 
-def local_run_path(path: str | os.PathLike) -> Path:
-    """``path`` as a local ``Path``; a URL (s3://, gs://, ...) is refused with what to do instead."""
-    text = os.fspath(path)
-    if _REMOTE_RE.match(text) and not text.startswith("file://"):
-        raise ValueError(
-            f"{text} is not a local folder: checkpoints list/verify/export work on local folders; copy the run down "
-            "first (e.g. `aws s3 sync` / `gsutil rsync` into a local folder)."
-        )
-    return Path(text.removeprefix("file://"))
-
-
-def run_location(path: str | os.PathLike) -> Path | str:
-    """``path`` as a local ``Path`` (``file://`` stripped) or a remote URL string (its protocol checked)."""
-    text = os.fspath(path)
-    if is_remote(text):
-        return normalize_location(text, "path")
-    return local_run_path(text)
+def run_store(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Store:
+    """The store of a run folder or step folder given as a local path or URL (its protocol checked)."""
+    location = normalize_location(path if isinstance(path, Path) else os.fspath(path), "path")
+    return Store(location, storage_options)
 
 
 def list_checkpoints(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> list[StepInfo]:
     """Every step folder under the run folder ``path``, complete or not, ascending by step (complete first on
     ties, e.g. a leftover ``.global_step_<N>.incomplete`` next to the finished ``global_step_<N>``).
 
-    ``path`` may be a URL (``storage_options`` for its filesystem): then one recursive listing gives the folders,
-    their sizes and which are complete, and only the latest pointer file is read."""
-    location = run_location(path)
-    if isinstance(location, str):
-        return _list_remote(RemoteStore(location, storage_options))
-    path = location
-    if not path.is_dir():
-        raise FileNotFoundError(f"No run checkpoint folder at {path}.")
-    latest = _latest_step(path)
-    found = []
-    for entry in path.iterdir():
-        if not entry.is_dir():
-            continue
-        match = _STEP_RE.match(entry.name) or _TEMP_STEP_RE.match(entry.name)
-        if match is None:
-            continue
-        step = int(match.group(1))
-        complete = CheckpointManager.is_complete(entry)
-        found.append(StepInfo(step, entry, _folder_size(entry), complete, complete and step == latest))
-    return _sorted(found)
-
-
-def _sorted(found: list[StepInfo]) -> list[StepInfo]:
-    return sorted(found, key=lambda info: (info.step, not info.complete, basename(info.folder)))
-
-
-def _list_remote(store: RemoteStore) -> list[StepInfo]:
-    if not store.exists():
-        raise FileNotFoundError(f"No run checkpoint folder at {store.url}.")
-    store.fs.invalidate_cache()
-    root = store.full().rstrip("/") + "/"
+    ``is_latest`` marks the step a resume picks: the pointer's (else the newest) complete step that verifies;
+    newer complete steps that do not verify carry their ``problem``."""
+    store = run_store(path, storage_options)
+    if not store.isdir():
+        raise FileNotFoundError(f"No run checkpoint folder at {store.location()}.")
     sizes: dict[str, int] = {}
     marked: set[str] = set()
-    for file, info in store.fs.find(store.full(), detail=True).items():
-        relative = file[len(root) :] if file.startswith(root) else None
-        if not relative or "/" not in relative or info.get("type") == "directory":
+    for relative, size in store.files().items():
+        if "/" not in relative:
             continue
         folder, rest = relative.split("/", 1)
-        sizes[folder] = sizes.get(folder, 0) + int(info.get("size") or 0)
+        sizes[folder] = sizes.get(folder, 0) + size
         if rest == TRAINER_STATE_FILE:
             marked.add(folder)
+    for name in store.listdir():  # empty folders too
+        if (_STEP_RE.match(name) or _TEMP_STEP_RE.match(name)) and store.isdir(name):
+            sizes.setdefault(name, 0)
     complete_steps = sorted(int(m.group(1)) for name in marked if (m := _STEP_RE.match(name)))
-    latest = _pick_latest(store.read_text(POINTER_FILE), complete_steps)
+    latest, problems = _resumable_step(store, store.read_text(POINTER_FILE), complete_steps)
     found = []
     for name, size in sizes.items():
         match = _STEP_RE.match(name) or _TEMP_STEP_RE.match(name)
@@ -130,37 +93,33 @@ def _list_remote(store: RemoteStore) -> list[StepInfo]:
             continue
         step = int(match.group(1))
         complete = _STEP_RE.match(name) is not None and name in marked
-        found.append(StepInfo(step, store.url_of(name), size, complete, complete and step == latest))
-    return _sorted(found)
+        problem = problems.get(step) if complete else None
+        found.append(StepInfo(step, store.location(name), size, complete, complete and step == latest, problem))
+    return sorted(found, key=lambda info: (info.step, not info.complete, os.fspath(info.folder)))
 
 
-def _pick_latest(pointer_text: str | None, complete_steps: list[int]) -> int | None:
-    """The pointer's step when it names a complete folder, else the newest complete step."""
+def _resumable_step(
+    store: Store, pointer_text: str | None, complete_steps: list[int]
+) -> tuple[int | None, dict[int, str]]:
+    """The step a resume picks (pointer first, then newest first; the first that verifies) and the problems of
+    the steps it skipped."""
     try:
-        step = int((pointer_text or "").strip())
+        pointed = int((pointer_text or "").strip())
     except ValueError:
-        step = None
-    if step is not None and step in complete_steps:
-        return step
-    return complete_steps[-1] if complete_steps else None
-
-
-@contextmanager
-def remote_download(url: str, names: list[str], storage_options: dict[str, Any] | None = None) -> Iterator[Path]:
-    """A temporary local folder holding the files and folders ``names`` (relative to ``url``; missing ones are
-    skipped), removed on exit."""
-    store = RemoteStore(url, storage_options)
-    with tempfile.TemporaryDirectory(prefix="agilerl_llm_ckpt_") as temp:
-        local = Path(temp) / basename(url)
-        local.mkdir()
-        for name in names:
-            if store.isfile(name):
-                target = local / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                store.fs.get_file(store.full(name), str(target))
-            elif store.exists(name):
-                store.get_dir(name, local / name)
-        yield local
+        pointed = None
+    ordered = sorted(complete_steps, reverse=True)
+    if pointed in complete_steps:
+        ordered.remove(pointed)
+        ordered.insert(0, pointed)
+    problems: dict[int, str] = {}
+    for step in ordered:
+        name = f"{STEP_PREFIX}{step}"
+        with store.materialize_some([name]) as local:
+            found = store.shows(local, verify_step_folder(local / name))
+        if not found:
+            return step, problems
+        problems[step] = found[0]
+    return None, problems
 
 
 def verify_checkpoint(
@@ -169,80 +128,50 @@ def verify_checkpoint(
     """Problems that would stop a resume or an export; an empty list means everything checked is readable.
 
     ``path`` is a run folder (every complete step folder is checked, plus the latest pointer) or one
-    ``global_step_<N>`` folder. ``step`` picks one step of a run folder. Each problem names the file concerned.
-    Checked: trainer_state.json parses and has the expected keys; every ``agent_<i>`` it lists exists;
-    attributes.pt loads with ``torch.load(weights_only=True)``; every adapter folder has a valid
-    adapter_config.json and an adapter_model.safetensors whose tensors all read; the RNG files read; the
-    pointer names a complete folder.
-
-    A URL ``path`` (``storage_options`` for its filesystem) is downloaded first: the step folder checked, or
-    every complete step folder and the pointer of a run, into a temporary local folder; problems name the
-    remote files.
+    ``global_step_<N>`` folder (a local path or a URL, ``storage_options`` for its filesystem). ``step`` picks
+    one step of a run folder. Each problem names the file concerned. Checked: trainer_state.json parses and has
+    the expected keys; every ``agent_<i>`` it lists exists; attributes.pt loads with
+    ``torch.load(weights_only=True)``; every adapter folder has a valid adapter_config.json and an
+    adapter_model.safetensors whose tensors all read; module files read; the RNG files read; the pointer names a
+    complete folder.
     """
-    location = run_location(path)
-    if isinstance(location, str):
-        return _verify_remote(location, step, storage_options)
-    path = location
-    if _STEP_RE.match(path.name) and step is None:
-        if not path.is_dir():
-            return [f"{path}: no such step folder."]
-        if not CheckpointManager.is_complete(path):
-            return [f"{path}: incomplete step folder ({TRAINER_STATE_FILE} is missing; an interrupted save?)."]
-        return _verify_step(path)
-    if not path.is_dir():
-        return [f"{path}: no such run folder."]
+    store = run_store(path, storage_options)
+    location = store.location()
+    if _STEP_RE.match(os.fspath(location).rstrip("/").rsplit("/", 1)[-1]) and step is None:
+        if not store.isdir():
+            return [f"{location}: no such step folder."]
+        if not store.isfile(TRAINER_STATE_FILE):
+            return [f"{location}: incomplete step folder ({TRAINER_STATE_FILE} is missing; an interrupted save?)."]
+        with store.materialize() as local:
+            return store.shows(local, verify_step_folder(local))
+    if not store.isdir():
+        return [f"{location}: no such run folder."]
+    complete = [info.step for info in list_checkpoints(path, storage_options) if info.complete]
     if step is not None:
-        folder = path / f"{STEP_PREFIX}{step}"
-        if not folder.is_dir():
-            return [f"{folder}: no such step folder (complete steps: {_complete_steps(path)})."]
-        if not CheckpointManager.is_complete(folder):
-            return [f"{folder}: incomplete step folder ({TRAINER_STATE_FILE} is missing; an interrupted save?)."]
-        return _verify_step(folder)
+        name = f"{STEP_PREFIX}{step}"
+        if not store.isdir(name):
+            return [f"{store.location(name)}: no such step folder (complete steps: {complete})."]
+        if step not in complete:
+            return [
+                f"{store.location(name)}: incomplete step folder ({TRAINER_STATE_FILE} is missing; an interrupted "
+                "save?)."
+            ]
+        with store.materialize_some([name]) as local:
+            return store.shows(local, verify_step_folder(local / name))
     problems = []
-    steps = _complete_steps(path)
-    if not steps:
-        problems.append(f"{path}: no complete {STEP_PREFIX}<N> folder.")
-    for complete_step in steps:
-        problems.extend(_verify_step(path / f"{STEP_PREFIX}{complete_step}"))
-    problems.extend(_verify_pointer(path, steps))
+    if not complete:
+        problems.append(f"{location}: no complete {STEP_PREFIX}<N> folder.")
+    names = [f"{STEP_PREFIX}{s}" for s in complete]
+    with store.materialize_some([*names, POINTER_FILE]) as local:
+        for name in names:
+            problems.extend(store.shows(local, verify_step_folder(local / name)))
+        problems.extend(store.shows(local, _verify_pointer(local, complete)))
     return problems
 
 
-def _verify_remote(url: str, step: int | None, storage_options: dict[str, Any] | None) -> list[str]:
-    store = RemoteStore(url, storage_options)
-    if _STEP_RE.match(basename(url)) and step is None:
-        if not store.exists():
-            return [f"{url}: no such step folder."]
-        if not store.isfile(TRAINER_STATE_FILE):
-            return [f"{url}: incomplete step folder ({TRAINER_STATE_FILE} is missing; an interrupted save?)."]
-        parent, name = url.rsplit("/", 1)
-        with remote_download(parent, [name], storage_options) as local:
-            return _to_remote(verify_checkpoint(local / name), local, parent)
-    if not store.exists():
-        return [f"{url}: no such run folder."]
-    complete = [info.step for info in _list_remote(store) if info.complete]
-    if step is not None:
-        name = f"{STEP_PREFIX}{step}"
-        if not store.exists(name):
-            return [f"{store.url_of(name)}: no such step folder (complete steps: {complete})."]
-        if step not in complete:
-            return [
-                f"{store.url_of(name)}: incomplete step folder ({TRAINER_STATE_FILE} is missing; an interrupted save?)."
-            ]
-        with remote_download(url, [name], storage_options) as local:
-            return _to_remote(_verify_step(local / name), local, url)
-    names = [f"{STEP_PREFIX}{s}" for s in complete] + [POINTER_FILE]
-    with remote_download(url, names, storage_options) as local:
-        return _to_remote(verify_checkpoint(local), local, url)
-
-
-def _to_remote(problems: list[str], local: Path, url: str) -> list[str]:
-    """Problems with the temporary local folder ``local`` replaced by the URL it was downloaded from."""
-    return [problem.replace(str(local), url.rstrip("/")) for problem in problems]
-
-
 # ---------------------------------------------------------------------------------------------- checks
-def _verify_step(folder: Path) -> list[str]:
+def verify_step_folder(folder: Path) -> list[str]:
+    """Problems of one local step folder (every file read back); empty when it can be resumed from."""
     problems: list[str] = []
     state_file = folder / TRAINER_STATE_FILE
     try:
@@ -291,7 +220,10 @@ def _verify_agent(agent_dir: Path) -> list[str]:
     lora_only = saved.get("lora_only", True) if isinstance(saved, dict) else True
     if adapters is None:  # attributes unreadable: check whatever adapter folders are there
         adapters = sorted(p.name for p in agent_dir.iterdir() if p.is_dir() and p.name in ADAPTER_NAMES)
-    elif not lora_only:
+    modules = saved.get("modules") if isinstance(saved, dict) else None
+    for module in modules or {}:
+        problems.extend(_verify_safetensors(agent_dir / MODULES_DIR / f"{module}.safetensors"))
+    if isinstance(saved, dict) and not lora_only:
         return problems  # a full checkpoint keeps its weights in attributes.pt (already read)
     for name in adapters:
         problems.extend(_verify_adapter(agent_dir / name))
@@ -320,6 +252,8 @@ def _verify_adapter(folder: Path) -> list[str]:
 
 def _verify_safetensors(file: Path) -> list[str]:
     """Open the file and read every tensor (a truncated file fails on the header or on a tensor)."""
+    if not file.is_file():
+        return [f"{file}: missing."]
     try:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
@@ -343,27 +277,6 @@ def _verify_pointer(path: Path, complete: list[int]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _complete_steps(path: Path) -> list[int]:
-    return sorted(
-        int(match.group(1))
-        for entry in path.iterdir()
-        if (match := _STEP_RE.match(entry.name)) and CheckpointManager.is_complete(entry)
-    )
-
-
-def _latest_step(path: Path) -> int | None:
-    """The step a resume would pick: the pointer's when it names a complete folder, else the newest complete."""
-    try:
-        pointer_text = (path / POINTER_FILE).read_text()
-    except (OSError, UnicodeDecodeError):
-        pointer_text = None
-    return _pick_latest(pointer_text, _complete_steps(path))
-
-
-def _folder_size(folder: Path) -> int:
-    return sum(file.stat().st_size for file in folder.rglob("*") if file.is_file() and not file.is_symlink())
-
-
 def _first_line(error: Exception) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]

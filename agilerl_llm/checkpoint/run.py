@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import warnings
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -41,22 +42,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 
-from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
 from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
+from agilerl_llm.checkpoint.files import CheckpointError
 from agilerl_llm.checkpoint.rng import capture_rng, restore_rng
 from agilerl_llm.checkpoint.snapshot import snapshot_checkpoint, write_snapshot
-from agilerl_llm.checkpoint.state import AgentState, Distribution
-from agilerl_llm.checkpoint.storage import (
-    RemoteStore,
-    basename,
-    fsync_dir,
-    is_remote,
-    join,
-    local_copy,
-    local_work_dir,
-    normalize_location,
-    write_json_durably,
-)
+from agilerl_llm.checkpoint.state import AgentState, Distribution, read_state
+from agilerl_llm.checkpoint.storage import LOCK_FILE, Store, basename, new_run_id, normalize_location
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -147,26 +138,43 @@ class CheckpointManager:
 
     Every process calls every method; only the main process (of the first agent's accelerator) touches shared
     files, and all processes wait for it where it matters. ``path`` (and the folders this returns) is a ``Path``
-    for local storage and a URL string for remote storage.
+    for local storage and a URL string for remote storage; both go through one ``storage.Store``.
+
+    A manager is the one writer of its path: the main process takes a lock (``.agilerl_llm.lock``: pid, host,
+    start time, run id) before touching anything, and a second run on the same path fails at start naming the
+    first. ``close()`` releases it; a lock left by a dead process on the same host is taken over with a warning.
     """
 
     def __init__(self, config: CheckpointConfig, dist_agent: LLMAlgorithm | None = None) -> None:
         self.config = config
-        self._store = RemoteStore(config.path, config.storage_options) if is_remote(config.path) else None
-        self.path: Path | str = self._store.url if self._store is not None else Path(config.path)
+        self._store = Store(config.path, config.storage_options)
+        self.path: Path | str = self._store.location()
         self._dist = Distribution(dist_agent) if dist_agent is not None else None
-        if self._store.isfile("") if self._store is not None else self.path.exists() and not self.path.is_dir():
+        if self._store.isfile(""):
             raise NotADirectoryError(f"checkpoint path {self.path} exists and is not a folder.")
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         # The last async snapshot of each population slot, kept so that the next one can reuse its host buffers.
         # Only ever reused after ``wait()``: by then the write that read it is over.
         self._snapshots: dict[int, AgentState] = {}
+        self._resume_choice: tuple[Any, ...] | None = None
+        self.run_id = new_run_id()
+        self._lock_release = None
         if self._is_main:
-            if self._store is None:
-                self.path.mkdir(parents=True, exist_ok=True)
+            self._store.makedirs()
+            self._check_writable()
+            self._store.acquire_lock(self.run_id)
+            self._lock_release = weakref.finalize(self, self._store.release_lock, self.run_id)
             self.clean_temporaries()
         self._wait()
+
+    def _check_writable(self) -> None:
+        """Fail at start, not at the first save, when the folder cannot be written."""
+        if isinstance(self.path, Path) and not os.access(self.path, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"checkpoint path {self.path} is not writable by this process; fix its permissions or choose "
+                "another CheckpointConfig.path."
+            )
 
     # ------------------------------------------------------------------------------------------- distribution
     @property
@@ -175,8 +183,7 @@ class CheckpointManager:
 
     @property
     def _rank(self) -> int:
-        accelerator = None if self._dist is None else self._dist.accelerator
-        return 0 if accelerator is None else int(accelerator.process_index)
+        return 0 if self._dist is None else self._dist.rank
 
     def _wait(self) -> None:
         if self._dist is not None:
@@ -184,78 +191,78 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------- finding
     def step_dir(self, step: int) -> Path | str:
-        return join(self.path, f"{STEP_PREFIX}{step}")
+        return self._store.location(f"{STEP_PREFIX}{step}")
 
     def clean_temporaries(self) -> list[Path | str]:
-        """Delete what a crash left half-written: hidden staging folders and pointer temp files (local), step
-        folders without trainer state (remote: an interrupted upload) and local staging leftovers; returns what
+        """Delete what a crash left half-written: hidden staging folders and pointer temp files, step folders
+        without trainer state on object stores (an interrupted upload) and local staging leftovers; returns what
         was removed."""
-        if self._store is not None:
-            shutil.rmtree(local_work_dir(self._store.url), ignore_errors=True)
-            return self._store.remove_incomplete(_STEP_RE, TRAINER_STATE_FILE)
-        removed: list[Path | str] = []
-        for entry in self.path.iterdir() if self.path.is_dir() else []:
-            if _TEMP_RE.match(entry.name):
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-                removed.append(entry)
-        return removed
+        return self._store.remove_incomplete(_STEP_RE, TRAINER_STATE_FILE, _TEMP_RE)
 
     @staticmethod
     def is_complete(folder: str | os.PathLike) -> bool:
-        """A local step folder is complete when it has its final name and its trainer state (written last)."""
-        folder = Path(folder)
-        return _STEP_RE.match(folder.name) is not None and (folder / TRAINER_STATE_FILE).is_file()
+        """A step folder (local path or URL) is complete when it has its final name and its trainer state
+        (written last)."""
+        return _STEP_RE.match(basename(folder)) is not None and Store(folder).isfile(TRAINER_STATE_FILE)
 
-    def _folder_store(self, folder: str) -> RemoteStore:
-        if self._store is not None and folder.rstrip("/").rsplit("/", 1)[0] == self._store.url:
-            return self._store.sub(basename(folder))
-        return RemoteStore(folder, self.config.storage_options)
+    def _name_of(self, folder: Path | str) -> tuple[Store, str]:
+        """The store and name of a step folder given as a path or URL (this run's, or any other location)."""
+        text = os.fspath(folder).rstrip("/")
+        parent = os.fspath(self.path).rstrip("/")
+        if text.rsplit("/", 1)[0] == parent:
+            return self._store, basename(text)
+        parent_location, name = text.rsplit("/", 1) if "/" in text else (".", text)
+        location = Path(parent_location) if isinstance(folder, Path) else parent_location
+        return Store(location, self.config.storage_options), name
 
-    def _is_complete_at(self, folder: Path | str) -> bool:
-        if isinstance(folder, Path):
-            return self.is_complete(folder)
-        return _STEP_RE.match(basename(folder)) is not None and self._folder_store(folder).isfile(TRAINER_STATE_FILE)
-
-    def _names(self) -> list[str]:
-        if self._store is not None:
-            return self._store.listdir()
-        return [entry.name for entry in self.path.iterdir()] if self.path.is_dir() else []
+    def _is_complete_name(self, store: Store, name: str) -> bool:
+        return _STEP_RE.match(name) is not None and store.isfile(f"{name}/{TRAINER_STATE_FILE}")
 
     def complete_steps(self) -> list[int]:
         """The steps of every complete step folder under ``path``, ascending."""
         steps = []
-        for name in self._names():
+        for name in self._store.listdir():
             match = _STEP_RE.match(name)
-            if match and self._is_complete_at(join(self.path, name)):
+            if match and self._is_complete_name(self._store, name):
                 steps.append(int(match.group(1)))
         return sorted(steps)
 
     def latest_step(self) -> int | None:
         """The newest complete step: the pointer's, or the highest complete folder when the pointer is missing,
-        unreadable, or names a folder that is missing or incomplete. None when there is no complete checkpoint."""
-        try:
-            if self._store is not None:
-                text = self._store.read_text(POINTER_FILE)
-                step = None if text is None else int(text.strip())
-            else:
-                step = int((self.path / POINTER_FILE).read_text().strip())
-        except (OSError, ValueError):
-            step = None
-        if step is not None and self._is_complete_at(self.step_dir(step)):
-            return step
+        unreadable, or names a folder that is missing or incomplete. None when there is no complete checkpoint.
+        (Whether its files are intact is checked by ``resume_dir``.)"""
+        candidates = self._latest_candidates()
+        return candidates[0] if candidates else None
+
+    def _latest_candidates(self) -> list[int]:
+        """Complete steps in the order a resume tries them: the pointer's step first, then newest first."""
         steps = self.complete_steps()
-        return steps[-1] if steps else None
+        try:
+            pointed = int((self._store.read_text(POINTER_FILE) or "").strip())
+        except ValueError:
+            pointed = None
+        ordered = sorted(steps, reverse=True)
+        if pointed in steps:
+            ordered.remove(pointed)
+            ordered.insert(0, pointed)
+        return ordered
 
     def resume_dir(self) -> Path | str | None:
         """The step folder this run resumes from under its config, or None to start fresh.
 
+        With resume="latest" the newest complete step is verified (every file read back, as
+        ``agilerl-llm checkpoints verify`` does); a damaged one is skipped with a warning naming the problem and
+        the next newest that verifies is used.
+
         Raises:
             FileExistsError: resume="none" on a path that already holds entries, without overwrite.
             FileNotFoundError: resume_path / resume_step names a folder that is missing or incomplete.
+            CheckpointError: resume_path / resume_step names a damaged folder, or every complete step under
+                ``path`` is damaged (the message lists why).
         """
         config = self.config
         if config.resume == "none":
-            entries = sorted(self._names())
+            entries = sorted(name for name in self._store.listdir() if name != LOCK_FILE)
             if entries and not config.overwrite:
                 raise FileExistsError(
                     f"checkpoint path {self.path} is not empty ({', '.join(entries[:5])}...) and resume='none'; "
@@ -263,45 +270,68 @@ class CheckpointManager:
                     "checkpoints."
                 )
             return None
+        if self._resume_choice is not None and self._resume_choice[0] == config:
+            return self._resume_choice[1]
         if config.resume == "from_path":
-            return self._require_complete(config.resume_path, "resume_path")
-        if config.resume_step is not None:
-            return self._require_complete(self.step_dir(config.resume_step), "resume_step")
-        step = self.latest_step()
-        return None if step is None else self.step_dir(step)
-
-    def _require_complete(self, folder: Path | str, field: str) -> Path | str:
-        if is_remote(folder):
-            folder = str(folder).rstrip("/")
-            exists = self._folder_store(folder).exists()
+            chosen = self._require_verified(config.resume_path, "resume_path")
+        elif config.resume_step is not None:
+            chosen = self._require_verified(self.step_dir(config.resume_step), "resume_step")
         else:
-            folder = Path(folder)
-            exists = folder.is_dir()
-        if not exists:
+            chosen = self._newest_verified()
+        self._resume_choice = (config, chosen)
+        return chosen
+
+    def _newest_verified(self) -> Path | str | None:
+        candidates = self._latest_candidates()
+        skipped = []
+        for step in candidates:
+            problems = self._problems(self._store, f"{STEP_PREFIX}{step}")
+            if not problems:
+                if skipped:
+                    warnings.warn(
+                        f"resume: skipping damaged checkpoint(s) {'; '.join(skipped)}; resuming from step {step}.",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+                return self.step_dir(step)
+            skipped.append(f"step {step}: {problems[0]}")
+        if skipped:
+            raise CheckpointError(
+                f"every complete checkpoint under {self.path} is damaged, so there is nothing to resume from: "
+                f"{'; '.join(skipped)}. Restore the files, or start a fresh run (resume='none' with another path)."
+            )
+        return None
+
+    def _problems(self, store: Store, name: str) -> list[str]:
+        from agilerl_llm.checkpoint.catalog import verify_step_folder
+
+        with store.materialize(name, self._is_main, self._wait) as local:
+            return store.shows(local.parent, verify_step_folder(local))
+
+    def _require_verified(self, folder: Path | str, field: str) -> Path | str:
+        store, name = self._name_of(folder)
+        shown = store.location(name)
+        if not store.isdir(name):
             available = self.complete_steps()
             raise FileNotFoundError(
-                f"{field}: checkpoint folder {folder} does not exist (complete steps under {self.path}: {available})."
+                f"{field}: checkpoint folder {shown} does not exist (complete steps under {self.path}: {available})."
             )
-        if not self._is_complete_at(folder):
+        if not self._is_complete_name(store, name):
             raise FileNotFoundError(
-                f"{field}: {folder} is not a complete run checkpoint (a global_step_<N> folder with "
+                f"{field}: {shown} is not a complete run checkpoint (a global_step_<N> folder with "
                 f"{TRAINER_STATE_FILE}); it may be a save that was interrupted."
             )
-        return folder
+        problems = self._problems(store, name)
+        if problems:
+            raise CheckpointError(f"{field}: {shown} is damaged and cannot be resumed from: {problems[0]}")
+        return shown
 
     def prepare_fresh(self) -> None:
         """For resume='none' with overwrite: delete this manager's checkpoints (other files are left alone)."""
         if self._is_main and self.config.overwrite:
-            if self._store is not None:
-                for name in self._store.listdir():
-                    if _STEP_RE.match(name) or name == POINTER_FILE:
-                        self._store.rm(name)
-            else:
-                for entry in self.path.iterdir():
-                    if _STEP_RE.match(entry.name) and entry.is_dir():
-                        shutil.rmtree(entry)
-                    elif entry.name == POINTER_FILE:
-                        entry.unlink()
+            for name in self._store.listdir():
+                if (_STEP_RE.match(name) and self._store.isdir(name)) or name == POINTER_FILE:
+                    self._store.rm(name)
         self._wait()
 
     # ------------------------------------------------------------------------------------------- saving
@@ -312,11 +342,6 @@ class CheckpointManager:
         """Whether this step exports the policy in Hugging Face format (``hf_save_interval``, and the last step)."""
         interval = self.config.hf_save_interval
         return interval is not None and (step % interval == 0 or step == max_steps)
-
-    def _staging_dir(self, name: str) -> Path:
-        if self._store is not None:  # the same local folder in every process of a node
-            return local_work_dir(self._store.url) / f".{name}.incomplete"
-        return self.path / f".{name}.incomplete"
 
     def save(
         self,
@@ -335,8 +360,8 @@ class CheckpointManager:
         write (and, on remote storage, the upload) completes (``wait()``).
         """
         self.wait()  # one save at a time; a failed earlier write raises here
-        final = self.step_dir(step)
-        staging = self._staging_dir(basename(final))
+        name = f"{STEP_PREFIX}{step}"
+        staging = self._store.staging_dir(name)
         if self._is_main:
             if staging.exists():
                 shutil.rmtree(staging)
@@ -386,7 +411,7 @@ class CheckpointManager:
                 self._finish(step, staging, state_text)
         if not save_async:  # every rank takes the same branch, so the barriers stay paired
             self._wait()
-        return final
+        return self.step_dir(step)
 
     def _write_in_background(
         self,
@@ -403,28 +428,11 @@ class CheckpointManager:
         self._finish(step, staging, state_text)
 
     def _finish(self, step: int, staging: Path, state_text: str) -> None:
-        """Main process: trainer state (last in the folder), rename, pointer, retention; in this order."""
-        final = self.step_dir(step)
-        write_json_durably(staging / TRAINER_STATE_FILE, state_text)
-        if self._store is not None:  # upload with the trainer state last (storage.RemoteStore.replace_folder)
-            self._store.replace_folder(staging, basename(final), last=TRAINER_STATE_FILE)
-        else:
-            self._rename_into_place(staging, final)
-        self._write_pointer(step)
+        """Main process: publish the step folder with its trainer state last (every other file durable first),
+        then the pointer, then retention; in this order."""
+        self._store.publish(staging, f"{STEP_PREFIX}{step}", marker=TRAINER_STATE_FILE, marker_text=state_text)
+        self._store.write_text(POINTER_FILE, f"{step}\n")
         self._retain(step)
-
-    def _rename_into_place(self, staging: Path, final: Path) -> None:
-        fsync_dir(staging)
-        if final.exists():  # a re-run from an earlier step replaces the stale folder only once the new one is done
-            replaced = self.path / f".{final.name}.replaced"
-            if replaced.exists():
-                shutil.rmtree(replaced)
-            os.rename(final, replaced)
-            os.rename(staging, final)
-            shutil.rmtree(replaced)
-        else:
-            os.rename(staging, final)
-        fsync_dir(self.path)
 
     def _can_snapshot(self, pop: list[LLMAlgorithm]) -> bool:
         if all(agent._deepspeed_engine() is None for agent in pop):
@@ -443,8 +451,8 @@ class CheckpointManager:
             pending.result()
 
     def close(self, *, raise_error: bool = True) -> None:
-        """Wait for the last write and stop the writer thread. ``raise_error=False`` (for a loop that is already
-        failing) waits without re-raising the writer's error."""
+        """Wait for the last write, stop the writer thread and release the path's lock. ``raise_error=False``
+        (for a loop that is already failing) waits without re-raising the writer's error."""
         try:
             if raise_error:
                 self.wait()
@@ -458,18 +466,8 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
-
-    def _write_pointer(self, step: int) -> None:
-        if self._store is not None:
-            return self._store.write_text(POINTER_FILE, f"{step}\n")  # one object: old or new, never a part
-        pointer = self.path / POINTER_FILE
-        temp = self.path / f".{POINTER_FILE}.tmp"
-        with open(temp, "w") as handle:
-            handle.write(f"{step}\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, pointer)
-        fsync_dir(self.path)
+            if self._lock_release is not None:
+                self._lock_release()
 
     def _retain(self, newest: int) -> None:
         """Keep the newest ``keep`` complete folders (the one just written always among them); delete older ones."""
@@ -480,47 +478,54 @@ class CheckpointManager:
         kept = set(steps[-keep:]) | {newest}
         for step in steps:
             if step not in kept:
-                self._store.rm(f"{STEP_PREFIX}{step}") if self._store else shutil.rmtree(self.step_dir(step))
+                self._store.rm(f"{STEP_PREFIX}{step}")
 
     # ------------------------------------------------------------------------------------------- loading
     def load(self, folder: str | os.PathLike, pop: list[LLMAlgorithm], env: Any | None = None) -> ResumeState:
         """Restore the population, the env's data position and the RNG states from a complete step folder.
 
-        Adapters (actor, reference, critic), optimizer and LR schedule come back exactly as saved: the saved
-        reference is restored rather than replaced by the actor, so the KL anchor does not move. Each member's
-        ``index`` is set to the one it had when saved. A remote folder is downloaded to a local temporary folder
-        first (removed afterwards).
+        Adapters (actor, reference, critic), extra modules, optimizer and LR schedule come back exactly as saved:
+        the saved reference is restored rather than replaced by the actor, so the KL anchor does not move. Each
+        member's ``index`` is set to the one it had when saved. A remote folder is downloaded to a local
+        temporary folder first (removed afterwards).
         """
         self.wait()
-        folder = self._require_complete(folder if is_remote(folder) else Path(folder), "checkpoint")
-        remote = None if isinstance(folder, Path) else self._folder_store(folder)
-        with local_copy(folder, remote, self._is_main, self._wait) as local:
+        store, name = self._name_of(folder)
+        if not self._is_complete_name(store, name):
+            raise FileNotFoundError(
+                f"checkpoint: {store.location(name)} is not a complete run checkpoint (a global_step_<N> folder "
+                f"with {TRAINER_STATE_FILE})."
+            )
+        with store.materialize(name, self._is_main, self._wait) as local:
             state = self._load_local(local, pop, env)
-        return self._resume_state(state, folder)
+        return self._resume_state(state, store.location(name))
 
     def _load_local(self, folder: Path, pop: list[LLMAlgorithm], env: Any | None) -> dict[str, Any]:
-        state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+        state_file = folder / TRAINER_STATE_FILE
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{state_file} cannot be read or parsed: {error}") from None
         if state.get("format_version") != RUN_FORMAT_VERSION:
             raise ValueError(
-                f"{folder / TRAINER_STATE_FILE} has format_version {state.get('format_version')!r}; "
-                f"this version reads {RUN_FORMAT_VERSION}."
+                f"{state_file} has format_version {state.get('format_version')!r}; this version reads "
+                f"{RUN_FORMAT_VERSION}."
             )
         if state["num_agents"] != len(pop):
             raise ValueError(
                 f"{folder} holds {state['num_agents']} agents but the population has {len(pop)}; build the same "
                 "population size to resume."
             )
-        for i in range(len(pop)):
-            if not (folder / f"agent_{i}").is_dir():
-                raise FileNotFoundError(f"{folder / f'agent_{i}'} is missing from a checkpoint marked complete.")
+        agent_states = []
+        for i, agent in enumerate(pop):  # read and check every member before any of them changes
+            agent_dir = folder / f"agent_{i}"
+            if not agent_dir.is_dir():
+                raise FileNotFoundError(f"{agent_dir} is missing from a checkpoint marked complete.")
+            agent_states.append(read_state(agent_dir, agent.lora_config))
         indices = state.get("agent_indices") or []
-        for i, agent in enumerate(pop):
-            load_agent_checkpoint(
-                agent,
-                folder / f"agent_{i}",
-                load_optimizer=True,
-                overwrite_reference_adapter=True,
-                overwrite_critic_adapter=True,
+        for i, (agent, agent_state) in enumerate(zip(pop, agent_states, strict=True)):
+            agent.load_checkpoint_state(
+                agent_state, load_optimizer=True, overwrite_reference_adapter=True, overwrite_critic_adapter=True
             )
             if i < len(indices):  # evolution renumbers members; the agent checkpoint leaves index alone
                 agent.index = int(indices[i])
@@ -545,7 +550,7 @@ class CheckpointManager:
 
     def resume_info(self) -> ResumeState | None:
         """Where a resume would continue (step, samples, W&B run id, ``extra``) without loading anything; None
-        when fresh.
+        when fresh. The same (verified) folder that ``restore`` loads.
 
         Read it before building the logger to continue the same W&B run:
         ``wandb_kwargs={"id": info.wandb_run_id, "resume": "allow"}``.
@@ -553,8 +558,8 @@ class CheckpointManager:
         folder = None if self.config.resume == "none" else self.resume_dir()
         if folder is None:
             return None
-        store = None if isinstance(folder, Path) else self._folder_store(folder)
-        text = (folder / TRAINER_STATE_FILE).read_text() if store is None else store.read_text(TRAINER_STATE_FILE)
+        store, name = self._name_of(folder)
+        text = store.read_text(f"{name}/{TRAINER_STATE_FILE}")
         if text is None:
             raise FileNotFoundError(f"{folder}: {TRAINER_STATE_FILE} disappeared while reading it.")
         return self._resume_state(json.loads(text), folder)

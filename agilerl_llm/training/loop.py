@@ -19,7 +19,7 @@ differ only in ``train_step`` and ``evaluate``.
 from __future__ import annotations
 
 import math
-import tempfile
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from agilerl_llm.checkpoint.run import CheckpointConfig, CheckpointManager
-from agilerl_llm.checkpoint.storage import RemoteStore, is_remote
+from agilerl_llm.checkpoint.storage import Store
 from agilerl_llm.training.logging import MetricsLogger
 
 EVOLUTION_STATE_KEY = "evolution"
@@ -223,14 +223,22 @@ def export_fittest(pop: list[Any], checkpoint: CheckpointConfig, step: int, toke
     from agilerl_llm.checkpoint.export import export_policy
 
     best = fittest_first(pop)[0]
+    store = Store(checkpoint.export_path, checkpoint.storage_options)
     folder = f"global_step_{step}/policy"
-    if not is_remote(checkpoint.export_path):
-        return export_policy(best, Path(checkpoint.export_path) / folder, tokenizer)
-    # Object stores have no rename: export locally, then upload with config.json (what loaders open first) last.
-    store = RemoteStore(str(checkpoint.export_path), checkpoint.storage_options)
-    with tempfile.TemporaryDirectory(prefix="agilerl-export-", ignore_cleanup_errors=True) as staging:
-        store.replace_folder(export_policy(best, Path(staging) / "policy", tokenizer), folder, last="config.json")
-    return store.url_of(folder)
+    staging = store.staging_dir(folder)
+    is_main = best.accelerator is None or best.accelerator.is_main_process
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)  # what a crashed export left
+    if best.accelerator is not None:
+        best.accelerator.wait_for_everyone()
+    try:
+        export_policy(best, staging, tokenizer)  # every rank calls it; the main process writes
+        if is_main:  # config.json (what loaders open first) is the marker: stored last
+            store.publish(staging, folder, marker="config.json")
+    finally:
+        if is_main and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return store.location(folder)
 
 
 def _batch_size(batch: Any) -> int:
