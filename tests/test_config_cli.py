@@ -12,7 +12,6 @@ from agilerl_llm.cli import main as cli_main
 from agilerl_llm.envs.tasks import TASKS, get_task, letters_reward
 from agilerl_llm.envs.tasks.letters import make_letters_dataset
 from agilerl_llm.training.config import ConfigError, RunConfig
-from agilerl_llm.training.job import build_population
 from agilerl_llm.training.warmstart import IGNORE_INDEX, collate_demonstrations, pretrain_on_demonstrations
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -57,10 +56,46 @@ def test_overrides_are_parsed_as_yaml_values():
         RunConfig.from_dict({}, ["training.max_steps"])
 
 
-def test_unknown_algorithm_parameter_names_the_field(tiny_model_dir, tokenizer):
-    config = RunConfig.from_dict({}, ["algorithm.params.group_sise=4"])
-    with pytest.raises(ConfigError, match=r"algorithm\.params\.group_sise"):
-        build_population(config, tiny_model_dir, tokenizer)
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "algorithm.params.group_sise=4",
+            r"algorithm\.params\.group_sise is not an argument of GRPO \(did you mean 'group_size'\?\)",
+        ),
+        (
+            "algorithm.params.group_size=1",
+            r"algorithm\.params\.group_size: Input should be greater than or equal to 2 \(got 1\)",
+        ),
+        ("algorithm.params.lr=-0.001", r"algorithm\.params: lr must be > 0, got -0\.001"),
+        ("algorithm.params.update_epochs=0", r"algorithm\.params\.update_epochs"),
+        ("algorithm.params.temperature=0", r"algorithm\.params\.temperature"),
+        ("algorithm.params.pad_token_id=3", r"algorithm\.params\.pad_token_id is not an argument"),
+    ],
+)
+def test_algorithm_params_are_checked_when_the_config_is_read(override, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({}, [override])
+
+
+def test_cli_check_rejects_bad_params_and_paths_with_exit_code_2(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"training": {"max_steps": 3}}))
+    (tmp_path / "a_file").write_text("x")
+    cases = {
+        "algorithm.params.group_sise=4": "algorithm.params.group_sise is not an argument",
+        f"model.path={tmp_path / 'nowhere'}": "model.path: Value error, '",
+        f"output_dir={tmp_path / 'a_file'}": "exists and is not a folder; choose another output_dir",
+        f"checkpoint.path={tmp_path / 'a_file'}": "checkpoint",
+    }
+    for override, expected in cases.items():
+        assert cli_main(["check", str(path), override]) == 2, override
+        error = capsys.readouterr().err
+        assert expected in error and "Traceback" not in error, (override, error)
+        assert len(error.strip().splitlines()) == 1, error
+    assert "not downloaded from a hub" in (
+        cli_main(["check", str(path), f"model.path={tmp_path}"]) and capsys.readouterr().err
+    )
 
 
 def test_cli_check_prints_the_resolved_config(tmp_path, capsys):

@@ -8,6 +8,7 @@ YAML file fails before any model is built, with the dotted field name in the mes
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,17 @@ class ModelSettings(_Section):
     size: str = "tiny"
     architecture: str = "qwen2"
     seed: int = 0
+
+    @field_validator("path")
+    @classmethod
+    def _existing_model_folder(cls, value: str | None) -> str | None:
+        if value is not None and not (Path(value).expanduser() / "config.json").is_file():
+            what = "is not a folder" if not Path(value).expanduser().is_dir() else "has no config.json"
+            raise ValueError(
+                f"{value!r} {what}: model.path must be a folder written by save_pretrained (models are not "
+                "downloaded from a hub); leave it unset to build a tiny model"
+            )
+        return value
 
     @field_validator("size")
     @classmethod
@@ -88,11 +100,69 @@ QUICKSTART_ALGORITHM_PARAMS: dict[str, Any] = {
 }
 
 
+# Constructor arguments a config cannot set: the job supplies them (the model, the tokenizer's pad token, devices).
+_JOB_OWNED_ARGUMENTS = frozenset(
+    {"self", "pad_token_id", "pad_token", "actor_network", "model_name", "accelerator", "clone", "wrap", "base_kwargs"}
+)
+
+
 class AlgorithmSettings(_Section):
-    """The RL algorithm and the keyword arguments of its constructor (the spec's names and defaults)."""
+    """The RL algorithm and the keyword arguments of its constructor (the spec's names and defaults).
+
+    ``params`` is checked against the algorithm when the config is read (``agilerl-llm check`` and before
+    ``train`` does any work): every name must be an argument of its constructor, and every value must pass the
+    constructor's own rules."""
 
     name: Literal["GRPO", "GSPO", "CISPO"] = "GRPO"
     params: dict[str, Any] = Field(default_factory=lambda: dict(QUICKSTART_ALGORITHM_PARAMS))
+
+    @model_validator(mode="after")
+    def _check_params(self) -> AlgorithmSettings:
+        check_algorithm_params(self.name, self.params)
+        return self
+
+
+def check_algorithm_params(name: str, params: dict[str, Any]) -> None:
+    """Raise ValueError naming ``params.<field>`` when ``params`` would not construct algorithm ``name``."""
+    import difflib
+    import inspect
+
+    import agilerl_llm
+    from agilerl_llm.algorithms.base import _check_base_arguments
+
+    cls = getattr(agilerl_llm, name)
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in klass.__dict__:
+            for parameter in inspect.signature(klass.__init__).parameters.values():
+                if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+                    defaults[parameter.name] = parameter.default
+    allowed = sorted(set(defaults) - _JOB_OWNED_ARGUMENTS)
+    for key in params:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"params.{key} is not an argument of {name}{hint}")
+    values = {k: v for k, v in defaults.items() if v is not inspect.Parameter.empty} | params
+    for model in cls.hyperparameter_models:
+        given = {k: params[k] for k in model.model_fields if k in params}
+        try:
+            model(**given)
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"params.{field}: {first['msg']} (got {first.get('input')!r})") from None
+    try:
+        _check_base_arguments(
+            0,
+            values.get("batch_size"),
+            values.get("lr"),
+            values.get("max_grad_norm"),
+            values.get("micro_batch_size_per_gpu"),
+            values.get("index", 0),
+        )
+    except ValueError as error:
+        raise ValueError(f"params: {error}") from None
 
 
 class TrainingSettings(_Section):
@@ -176,6 +246,24 @@ class RunConfig(_Section):
     # Evolutionary hyperparameter optimisation of a population; None trains one agent.
     evolution: EvolutionSettings | None = None
 
+    @field_validator("output_dir")
+    @classmethod
+    def _usable_output_dir(cls, value: str) -> str:
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{value!r} exists and is not a folder; choose another output_dir")
+        _check_can_create(path, "output_dir")
+        return value
+
+    @model_validator(mode="after")
+    def _writable_checkpoint_path(self) -> RunConfig:
+        if self.checkpoint is not None and isinstance(self.checkpoint.path, Path):
+            path = self.checkpoint.path.expanduser()
+            if path.exists() and not path.is_dir():
+                raise ValueError(f"checkpoint.path: {str(path)!r} exists and is not a folder")
+            _check_can_create(path, "checkpoint.path")
+        return self
+
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
         """Read and validate a YAML run config; ``overrides`` are ``dotted.key=value`` strings (YAML values)."""
@@ -204,6 +292,15 @@ class RunConfig(_Section):
         except ValidationError as error:
             raise ConfigError(f"{source}: " + format_validation_error(error)) from error
         return config
+
+
+def _check_can_create(path: Path, field: str) -> None:
+    """``path`` exists and is writable, or its nearest existing parent is (so the run can create it)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{field}: {str(existing)!r} is not writable by this process; choose another folder")
 
 
 class ConfigError(ValueError):
@@ -249,6 +346,9 @@ def format_validation_error(error: ValidationError) -> str:
     for problem in error.errors():
         location = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         message = problem["msg"]
+        if problem["type"] == "value_error" and message.removeprefix("Value error, ").startswith("params"):
+            lines.append(f"{location}.{message.removeprefix('Value error, ')}")  # names its own field and value
+            continue
         if problem["type"] == "extra_forbidden":
             message = "unknown field; check the spelling against the documented config"
         lines.append(f"{location}: {message} (got {problem.get('input')!r})")
