@@ -71,7 +71,10 @@ def test_every_cell_round_trips_across_two_processes(runs, stage):
     assert result["cell_01"]["files"] == ["attributes.pt", "save_checkpoint"]
     assert result["cell_00"]["files"] == ["attributes.pt"]
     for cell in ("cell_11", "cell_10", "cell_01", "cell_00"):
+        assert result[cell]["base_differs_before_load"] == [], cell  # a freshly built agent has the trained base
         assert result[cell]["weights_differ"] == [], cell
+    for cell in ("cell_11", "cell_10"):  # a LoRA-only load never writes a base weight, on any rank
+        assert result[cell]["base_changed_by_load"] == [], cell
     for cell in ("cell_11", "cell_01"):  # optimizer restored: the next step matches the uninterrupted run
         assert result[cell]["next_step_metrics_equal"], cell
         assert result[cell]["next_step_weights_differ"] == [], cell

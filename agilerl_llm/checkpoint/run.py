@@ -10,8 +10,9 @@ Layout under ``CheckpointConfig.path``::
         trainer_state.json               step, samples seen, env data position, W&B run id, python/numpy RNG
                                          states (plain JSON; nothing is pickled). Written last inside the folder.
 
-A step folder is written as the hidden sibling ``.global_step_<N>.incomplete`` and renamed once everything in it
-is on disk, so a folder named ``global_step_<N>`` that holds ``trainer_state.json`` is complete. Only after the
+A step folder is written as the hidden sibling ``.global_step_<N>.incomplete``, every file in it is fsynced, then
+``trainer_state.json`` is written, and the folder is renamed (``storage.Store.publish``), so a folder named
+``global_step_<N>`` that holds ``trainer_state.json`` is complete. Only after the
 rename is the pointer replaced (temp file + ``os.replace``), and only then does retention delete older complete
 folders. A crash at any moment therefore leaves either the previous checkpoint or the new one as the newest
 complete one, never a half-written folder that a resume would pick. Leftover temporary entries are removed when

@@ -79,9 +79,16 @@ def main() -> None:
     for lora_only, save_optimizer in CELLS:
         name = f"cell_{int(lora_only)}{int(save_optimizer)}"
         restored = make_agent(accelerator, model_dir, tokenizer, seed=7)
+        # The base as built, before the load, and the fresh model's base against the trained agent's: separates
+        # "the load wrote a base weight" from "the agent was built (or an earlier engine's teardown left it)
+        # with another base" (the flake this check was added for).
+        built = {n: t for n, t in full_weights(restored).items() if "lora_" not in n}
+        cell = {"base_differs_before_load": differing(built, {n: expected[n] for n in built})}
         restored.load_checkpoint(out / name, load_optimizer=save_optimizer, overwrite_reference_adapter=True)
-        cell = {"files": sorted(str(p.relative_to(out / name)) for p in (out / name).iterdir())}
-        cell["weights_differ"] = differing(expected, full_weights(restored))
+        cell["files"] = sorted(str(p.relative_to(out / name)) for p in (out / name).iterdir())
+        after = full_weights(restored)
+        cell["base_changed_by_load"] = differing(built, {n: after[n] for n in built})
+        cell["weights_differ"] = differing(expected, after)
         if save_optimizer:
             metrics = learn(restored, rank, 1)
             cell["next_step_metrics_equal"] = metrics == next_metrics
