@@ -163,3 +163,41 @@ def test_experience_derives_the_attention_mask_from_structure(tiny_model_dir, to
     assert torch.equal(derived.attention_mask, result.attention_mask)
     with pytest.raises(ValueError, match="action_masks has shape"):
         Experience.from_input((result.completion_ids, result.action_masks[:, :-1], rewards), 0, torch.device("cpu"))
+
+
+def test_a_row_missing_its_answer_mid_dataset_is_named(tokenizer):
+    from agilerl_llm.envs.reasoning import ReasoningGym
+
+    rows = [{"question": "1+1=", "answer": "2"}, {"question": "2+2="}]
+    env = ReasoningGym(rows, rows[:1], tokenizer, lambda c, a, p: 0.0, data_batch_size_per_gpu=2)
+    with pytest.raises(ValueError, match=r"a dataset row lacks the field 'answer': \{'question': '2\+2='\}"):
+        env.reset()
+
+
+def test_prompts_past_the_models_context_are_refused_and_generation_is_capped(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from agilerl_llm.rollout.base import SamplingSettings
+    from agilerl_llm.rollout.hf import generate_completions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    limit = model.config.max_position_embeddings
+    common = {"num_completions": 1, "do_sample": False, "pad_token_id": 0, "eos_token_ids": [1]}
+    too_long = torch.full((1, limit), 10)
+    with pytest.raises(ValueError, match=rf"at or over the model's max_position_embeddings={limit}"):
+        generate_completions(
+            model,
+            too_long,
+            torch.ones_like(too_long, dtype=torch.bool),
+            sampling=SamplingSettings(max_model_len=4 * limit),
+            **common,
+        )
+    near = torch.full((1, limit - 3), 10)
+    result = generate_completions(
+        model,
+        near,
+        torch.ones_like(near, dtype=torch.bool),
+        sampling=SamplingSettings(max_model_len=4 * limit),
+        **common,
+    )
+    assert result.completion_ids.shape[1] <= limit

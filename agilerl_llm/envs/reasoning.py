@@ -191,7 +191,7 @@ class ReasoningGym:
 
     def render(self, samples: Sequence[dict[str, Any]]) -> PromptBatch:
         """Apply the chat template to samples and tokenize them as one left-padded batch."""
-        questions = [str(sample[self.question_key]) for sample in samples]
+        questions = [str(self._field(sample, self.question_key)) for sample in samples]
         texts = [
             self.tokenizer.apply_chat_template(self._messages(q), add_generation_prompt=True, tokenize=False)
             for q in questions
@@ -204,8 +204,19 @@ class ReasoningGym:
             attention_mask=encoded["attention_mask"].bool(),
             texts=texts,
             questions=questions,
-            answers=[sample[self.answer_key] for sample in samples],
+            answers=[self._field(sample, self.answer_key) for sample in samples],
         )
+
+    def _field(self, sample: Any, key: str) -> Any:
+        """``sample[key]``, or an error naming the field and the row (datasets are checked on their first row
+        only; a later row can still lack a field)."""
+        try:
+            return sample[key]
+        except (KeyError, TypeError, IndexError):
+            raise ValueError(
+                f"a dataset row lacks the field {key!r}: {str(sample)[:200]}. Every row needs "
+                f"{self.question_key!r} and {self.answer_key!r} (set question_key / answer_key, or fix the row)."
+            ) from None
 
     def _messages(self, question: str) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []

@@ -129,6 +129,16 @@ def generate_completions(
     kwargs = generation_kwargs(sampling, prompt_length, do_sample)
     chunk_size = chunk_size or batch
     generator = generation_model(model)
+    # The model's own context limit caps max_model_len: positions past it have no embedding (or are untrained).
+    limit = getattr(getattr(generator, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int):
+        if prompt_length >= limit:
+            raise ValueError(
+                f"The prompts are {prompt_length} tokens long (padded), at or over the model's "
+                f"max_position_embeddings={limit}; shorten the prompts (or filter long rows out of the dataset)."
+            )
+        kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], limit - prompt_length)
+        kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], kwargs["max_new_tokens"])
     pieces = []
     for start in range(0, batch, chunk_size):
         chunk_ids, chunk_mask = prompt_ids[start : start + chunk_size], prompt_mask[start : start + chunk_size]
