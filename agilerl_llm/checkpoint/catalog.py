@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from agilerl_llm.checkpoint.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ATTRIBUTES_FILE, MODULES_DIR
-from agilerl_llm.checkpoint.run import POINTER_FILE, RNG_FILE, STEP_PREFIX, TRAINER_STATE_FILE
+from agilerl_llm.checkpoint.run import POINTER_FILE, RNG_FILE, STEP_PREFIX, TRAINER_STATE_FILE, resume_order
 from agilerl_llm.checkpoint.storage import Store, normalize_location
 from agilerl_llm.model.adapters import ADAPTER_NAMES
 
@@ -103,14 +103,7 @@ def _resumable_step(
 ) -> tuple[int | None, dict[int, str]]:
     """The step a resume picks (pointer first, then newest first; the first that verifies) and the problems of
     the steps it skipped."""
-    try:
-        pointed = int((pointer_text or "").strip())
-    except ValueError:
-        pointed = None
-    ordered = sorted(complete_steps, reverse=True)
-    if pointed in complete_steps:
-        ordered.remove(pointed)
-        ordered.insert(0, pointed)
+    ordered = resume_order(pointer_text, complete_steps)
     problems: dict[int, str] = {}
     for step in ordered:
         name = f"{STEP_PREFIX}{step}"

@@ -134,6 +134,20 @@ class ResumeState(BaseModel):
     agent_indices: list[int] = Field(default_factory=list)
 
 
+def resume_order(pointer_text: str | None, complete_steps: list[int]) -> list[int]:
+    """Complete steps in the order a resume tries them: the step the pointer names (when it is complete) first,
+    then the others, newest first."""
+    try:
+        pointed = int((pointer_text or "").strip())
+    except ValueError:
+        pointed = None
+    ordered = sorted(complete_steps, reverse=True)
+    if pointed in ordered:
+        ordered.remove(pointed)
+        ordered.insert(0, pointed)
+    return ordered
+
+
 class CheckpointManager:
     """Writes and finds run checkpoints (see the module docstring for the layout and the crash-safety rules).
 
@@ -237,16 +251,7 @@ class CheckpointManager:
 
     def _latest_candidates(self) -> list[int]:
         """Complete steps in the order a resume tries them: the pointer's step first, then newest first."""
-        steps = self.complete_steps()
-        try:
-            pointed = int((self._store.read_text(POINTER_FILE) or "").strip())
-        except ValueError:
-            pointed = None
-        ordered = sorted(steps, reverse=True)
-        if pointed in steps:
-            ordered.remove(pointed)
-            ordered.insert(0, pointed)
-        return ordered
+        return resume_order(self._store.read_text(POINTER_FILE), self.complete_steps())
 
     def resume_dir(self) -> Path | str | None:
         """The step folder this run resumes from under its config, or None to start fresh.
