@@ -167,3 +167,14 @@ def test_export_checkpoint_errors(tmp_path, tiny_model_dir, tokenizer):
     with pytest.raises(CheckpointError, match="lora_only=False.*not supported"):
         export_checkpoint(tmp_path / "full", tmp_path / "out", base_model=tiny_model_dir)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.incomplete").exists()
+
+
+def test_export_checkpoint_refuses_a_same_shaped_other_base(tmp_path, tiny_model_dir, tokenizer, tmp_path_factory):
+    twin = save_tiny_model(tmp_path_factory.mktemp("twin"), "nano", architecture="qwen2", seed=9)
+    agent = make_agent(tiny_model_dir, tokenizer)
+    perturb(agent)
+    agent.save_checkpoint(tmp_path / "agent", save_optimizer=False)
+    with pytest.raises(CheckpointError, match="trained on another base model.*base weights differ"):
+        export_checkpoint(tmp_path / "agent", tmp_path / "out", base_model=twin)
+    assert not (tmp_path / "out").exists()
+    export_checkpoint(tmp_path / "agent", tmp_path / "out", base_model=tiny_model_dir)

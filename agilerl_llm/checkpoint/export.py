@@ -117,9 +117,12 @@ def export_checkpoint(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from agilerl_llm.checkpoint.state import check_base_fingerprint
+
     agent_dir, out_dir = Path(agent_dir), Path(out_dir)
     if not agent_dir.is_dir():
         raise FileNotFoundError(f"No agent checkpoint folder at {agent_dir}.")
+    saved = None
     if (agent_dir / ATTRIBUTES_FILE).is_file():
         saved = files.read_attributes(agent_dir)
         if not saved["lora_only"]:
@@ -140,6 +143,10 @@ def export_checkpoint(
     _check_out_dir(out_dir)
     base = AutoModelForCausalLM.from_pretrained(base_model)
     _check_adapter_fits_base(adapter_dir, base, base_model)
+    if saved is not None:  # the same check as loading into an agent: same shapes but another base is refused too
+        check_base_fingerprint(
+            saved.get("base_fingerprint"), base, str(agent_dir / ATTRIBUTES_FILE), saved["attributes"].get("model_name")
+        )
     try:
         peft_model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter)
     except RuntimeError as error:  # size mismatches our pre-check did not foresee (e.g. embedding LoRA)
