@@ -501,8 +501,12 @@ class LLMAlgorithm(GenerationMixin):
         clone._build_optimizer()
         # Adapters, extra modules, optimizer and schedule through the checkpoint contract (host copies: nothing
         # is shared with this agent afterwards).
+        # Under DeepSpeed the engine owns the optimizer state, which a fresh optimizer cannot take: the clone
+        # starts with a fresh optimizer (and its engine, once wrapped).
+        plain = self._deepspeed_engine() is None
         clone.load_checkpoint_state(
-            self.checkpoint_state(lora_only=True, save_optimizer=True, to_host=True),
+            self.checkpoint_state(lora_only=True, save_optimizer=plain, to_host=True),
+            load_optimizer=plain,
             overwrite_reference_adapter=True,
             overwrite_critic_adapter=True,
         )
