@@ -195,3 +195,14 @@ def test_the_cli_lists_a_damaged_step(tmp_path, agent, tokenizer, capsys):
     assert "damaged" in printed and "step 2 is damaged (a resume skips it)" in printed
     latest = [line for line in printed.splitlines() if "*" in line]
     assert len(latest) == 1 and "global_step_1" in latest[0]
+
+
+def test_a_look_only_manager_takes_no_lock_and_cannot_save(tmp_path, agent, tokenizer):
+    saved_run(tmp_path / "ck", agent, tokenizer)
+    writer = CheckpointManager(CheckpointConfig(path=tmp_path / "ck"))
+    looker = CheckpointManager(CheckpointConfig(path=tmp_path / "ck"), writer=False)
+    assert looker.resume_info().global_step == 2
+    assert json.loads((tmp_path / "ck" / LOCK_FILE).read_text())["run_id"] == writer.run_id
+    with pytest.raises(RuntimeError, match="writer=False"):
+        looker.save(3, [agent], None)
+    writer.close()

@@ -160,7 +160,9 @@ class CheckpointManager:
     first. ``close()`` releases it; a lock left by a dead process on the same host is taken over with a warning.
     """
 
-    def __init__(self, config: CheckpointConfig, dist_agent: LLMAlgorithm | None = None) -> None:
+    def __init__(self, config: CheckpointConfig, dist_agent: LLMAlgorithm | None = None, writer: bool = True) -> None:
+        """``writer=False`` opens the path to look only (``resume_info``, ``complete_steps``...): no lock, no
+        clean-up, nothing created; such a manager must not save."""
         self.config = config
         self._store = Store(config.path, config.storage_options)
         self.path: Path | str = self._store.location()
@@ -175,7 +177,8 @@ class CheckpointManager:
         self._resume_choice: tuple[Any, ...] | None = None
         self.run_id = new_run_id()
         self._lock_release = None
-        if self._is_main:
+        self._writer = writer
+        if self._is_main and writer:
             self._store.makedirs()
             self._check_writable()
             self._store.acquire_lock(self.run_id)
@@ -365,6 +368,10 @@ class CheckpointManager:
         With ``save_async`` this returns once the state is snapshotted; the folder appears when the background
         write (and, on remote storage, the upload) completes (``wait()``).
         """
+        if not self._writer:
+            raise RuntimeError(
+                "this CheckpointManager was opened with writer=False; open one with writer=True to save."
+            )
         self.wait()  # one save at a time; a failed earlier write raises here
         name = f"{STEP_PREFIX}{step}"
         staging = self._store.staging_dir(name)

@@ -183,7 +183,9 @@ def make_logger(config: RunConfig) -> MetricsLogger:
     wandb_kwargs = None
     if config.logging.wandb_project is not None:
         wandb_kwargs = {"project": config.logging.wandb_project}
-        resume = CheckpointManager(config.checkpoint).resume_info() if config.checkpoint is not None else None
+        resume = (
+            CheckpointManager(config.checkpoint, writer=False).resume_info() if config.checkpoint is not None else None
+        )
         if resume is not None and resume.wandb_run_id is not None:
             wandb_kwargs |= {"id": resume.wandb_run_id, "resume": "allow"}
     return MetricsLogger(
