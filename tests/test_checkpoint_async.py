@@ -122,7 +122,7 @@ def test_the_loop_returns_after_the_last_write(tmp_path, tiny_model_dir, tokeniz
 
 def test_snapshot_does_not_follow_later_training(tmp_path, tiny_model_dir, tokenizer):
     agent = make_agent(tiny_model_dir, tokenizer)
-    snapshot = snapshots.snapshot_checkpoint(agent, to_host=True)
+    snapshot = agent.checkpoint_state(to_host=True)
     before = {k: v.clone() for k, v in snapshot.adapters["actor"].items()}
     with torch.no_grad():
         for name, p in agent.actor.named_parameters():
@@ -150,13 +150,13 @@ def _folder_bytes(folder: Path) -> dict[str, bytes]:
 def test_a_snapshot_reusing_an_earlier_one_writes_what_a_fresh_one_does(tmp_path, tiny_model_dir, tokenizer):
     agent = make_agent(tiny_model_dir, tokenizer)
     _optimizer_step(agent, 1.0)
-    first = snapshots.snapshot_checkpoint(agent, to_host=True)
+    first = agent.checkpoint_state(to_host=True)
     first_actor = dict(first.adapters["actor"])
     first_moments = [s["exp_avg"] for s in first.payload["optimizer"]["state"].values()]
     _optimizer_step(agent, -2.0)
 
-    reused = snapshots.snapshot_checkpoint(agent, to_host=True, reuse=first)
-    fresh = snapshots.snapshot_checkpoint(agent, to_host=True)
+    reused = agent.checkpoint_state(to_host=True, reuse=first)
+    fresh = agent.checkpoint_state(to_host=True)
     # the earlier host tensors were overwritten in place, not reallocated ...
     assert all(reused.adapters["actor"][k] is v for k, v in first_actor.items())
     assert all(
@@ -182,12 +182,12 @@ def test_a_snapshot_reusing_an_earlier_one_writes_what_a_fresh_one_does(tmp_path
 
 def test_a_reused_snapshot_of_another_layout_falls_back_to_fresh_copies(tiny_model_dir, tokenizer):
     agent = make_agent(tiny_model_dir, tokenizer)
-    first = snapshots.snapshot_checkpoint(agent, to_host=True)  # no optimizer state yet
+    first = agent.checkpoint_state(to_host=True)  # no optimizer state yet
     key = next(iter(first.adapters["actor"]))
     first.adapters["actor"][key] = torch.zeros(1)  # a tensor that does not fit
     _optimizer_step(agent, 1.0)
-    second = snapshots.snapshot_checkpoint(agent, to_host=True, reuse=first)
-    fresh = snapshots.snapshot_checkpoint(agent, to_host=True)
+    second = agent.checkpoint_state(to_host=True, reuse=first)
+    fresh = agent.checkpoint_state(to_host=True)
     assert second.adapters["actor"][key].shape == fresh.adapters["actor"][key].shape
     assert all(torch.equal(v, fresh.adapters["actor"][k]) for k, v in second.adapters["actor"].items())
     assert str(second.payload) == str(fresh.payload)  # optimizer state copied fresh where the earlier had none

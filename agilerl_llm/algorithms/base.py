@@ -28,6 +28,7 @@ from peft import LoraConfig, PeftModel
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from agilerl_llm.algorithms.arguments import check_base_arguments, is_plain
 from agilerl_llm.algorithms.generation import GenerationMixin
 from agilerl_llm.checkpoint.agent import apply_state
 from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
@@ -108,7 +109,7 @@ class LLMAlgorithm(GenerationMixin):
         fused_logprobs_chunk_rows: int | None = None,
         calc_position_embeddings: bool = True,
     ) -> None:
-        _check_base_arguments(pad_token_id, batch_size, lr, max_grad_norm, micro_batch_size_per_gpu, index)
+        check_base_arguments(pad_token_id, batch_size, lr, max_grad_norm, micro_batch_size_per_gpu, index)
         if fused_logprobs_chunk_rows is not None and fused_logprobs_chunk_rows < 1:
             raise ValueError(f"fused_logprobs_chunk_rows must be >= 1 or None, got {fused_logprobs_chunk_rows}.")
         self.pad_token_id = pad_token_id
@@ -428,18 +429,25 @@ class LLMAlgorithm(GenerationMixin):
             self, state, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter, check_base_model
         )
 
-    def validate_hyperparameters(self, values: dict[str, Any]) -> None:
+    @classmethod
+    def validate_hyperparameters(cls, values: dict[str, Any]) -> None:
         """Check hyperparameter values with the constructor's rules; raises ValueError / ValidationError naming
-        the field. ``values`` holds the agent's plain attributes (``inspect_attributes``)."""
-        _check_base_arguments(
-            values.get("pad_token_id", self.pad_token_id),
-            values.get("batch_size", self.batch_size),
-            values.get("lr", self.lr),
-            values.get("max_grad_norm", self.max_grad_norm),
-            values.get("micro_batch_size_per_gpu", self.micro_batch_size_per_gpu),
-            values.get("index", self.index),
+        the field. Names missing from ``values`` take the constructor's defaults (``pad_token_id``, which comes
+        from the tokenizer, a valid placeholder). Used on checkpoint restore and by run configs."""
+        defaults = inspect.signature(LLMAlgorithm.__init__).parameters
+
+        def value(name: str) -> Any:
+            return values[name] if name in values else defaults[name].default
+
+        check_base_arguments(
+            values.get("pad_token_id", 0),
+            value("batch_size"),
+            value("lr"),
+            value("max_grad_norm"),
+            value("micro_batch_size_per_gpu"),
+            value("index"),
         )
-        for model in self.hyperparameter_models:
+        for model in cls.hyperparameter_models:
             model(**{name: values[name] for name in model.model_fields if name in values})
 
     def save_checkpoint(self, path: str, lora_only: bool = True, save_optimizer: bool = True) -> None:
@@ -494,8 +502,7 @@ class LLMAlgorithm(GenerationMixin):
         clone.accelerator = self.accelerator
         clone.hp_config = self.hp_config
         clone.mutation_hooks = list(self.mutation_hooks)
-        clone.adapters = copy.copy(self.adapters)
-        clone.adapters.model = _copy_sharing_base(self.actor)
+        clone.adapters = self.adapters.copy_sharing_base()
         clone.actor = clone.adapters.model
         clone.policy_forward = HiddenStatesModel(clone.actor, self.calc_position_embeddings)
         clone._build_optimizer()
@@ -532,7 +539,7 @@ class LLMAlgorithm(GenerationMixin):
         """
         attributes = {"index": agent.index}
         for name, value in vars(agent).items():
-            if name.startswith("_") or name in _COLLABORATORS or not _is_plain(value):
+            if name.startswith("_") or name in _COLLABORATORS or not is_plain(value):
                 continue
             attributes[name] = value
         if input_args_only:
@@ -542,43 +549,6 @@ class LLMAlgorithm(GenerationMixin):
                     accepted |= set(inspect.signature(cls.__init__).parameters)
             attributes = {name: value for name, value in attributes.items() if name in accepted}
         return attributes
-
-
-def _is_plain(value: Any) -> bool:
-    """True for data that round-trips through JSON-like formats (and torch.load(weights_only=True))."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
-def _check_base_arguments(
-    pad_token_id: int,
-    batch_size: int,
-    lr: float,
-    max_grad_norm: float | None,
-    micro_batch_size_per_gpu: int | None,
-    index: int,
-) -> None:
-    if not isinstance(pad_token_id, int) or pad_token_id < 0:
-        raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    if not isinstance(lr, (int, float)) or lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}.")
-    if max_grad_norm is not None and max_grad_norm <= 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}.")
-    if micro_batch_size_per_gpu is not None:
-        if micro_batch_size_per_gpu < 1 or batch_size % micro_batch_size_per_gpu != 0:
-            raise ValueError(
-                f"micro_batch_size_per_gpu={micro_batch_size_per_gpu!r} must be >= 1 and divide "
-                f"batch_size={batch_size}; gradients accumulate over batch_size // micro_batch_size_per_gpu steps."
-            )
-    if not isinstance(index, int) or index < 0:
-        raise ValueError(f"index must be a non-negative int, got {index!r}.")
 
 
 def _load_network(
@@ -591,16 +561,6 @@ def _load_network(
     if model_name is None:
         raise ValueError("Pass actor_network (a HuggingFace causal LM) or model_name (a path for from_pretrained).")
     return AutoModelForCausalLM.from_pretrained(model_name, **(model_config or {}))
-
-
-def _copy_sharing_base(peft_model: PeftModel) -> PeftModel:
-    """Deep-copy a PEFT model but keep pointing at the same frozen base tensors (adapters are copied)."""
-    shared = {id(p): p for name, p in peft_model.named_parameters() if "lora_" not in name}
-    copied = copy.deepcopy(peft_model, memo=shared)
-    for (name, original), (_, new) in zip(peft_model.named_parameters(), copied.named_parameters(), strict=True):
-        if (original is new) == ("lora_" in name):  # the base must be shared, every adapter tensor copied
-            raise RuntimeError(f"clone(): parameter {name} is {'shared' if original is new else 'copied'}.")
-    return copied
 
 
 def _seed_everything(seed: int) -> None:

@@ -196,8 +196,9 @@ def apply_state(
         _check_optimizer_state(agent, optimizer_state, source)
     same_algorithm = saved.get("algorithm") == type(agent).__name__  # a resume; a new stage keeps its own
     if same_algorithm:
-        restored = _restorable_attributes(agent, saved["attributes"])
-        _validate_attributes(agent, restored, source)
+        live = agent.inspect_attributes(agent)
+        restored = {k: v for k, v in saved["attributes"].items() if k in live and k not in _FIXED_ATTRIBUTES}
+        _validate_attributes(agent, live | restored, source)
 
     # Everything is validated: from here on the live agent changes.
     if use_engine:
@@ -350,16 +351,9 @@ def _load_optimizer(
     return True
 
 
-def _restorable_attributes(agent: LLMAlgorithm, attributes: dict[str, Any]) -> dict[str, Any]:
-    """The saved hyperparameters an agent of the same class takes back (not those fixed at construction)."""
-    live = agent.inspect_attributes(agent)
-    return {name: value for name, value in attributes.items() if name in live and name not in _FIXED_ATTRIBUTES}
-
-
-def _validate_attributes(agent: LLMAlgorithm, restored: dict[str, Any], source: str) -> None:
+def _validate_attributes(agent: LLMAlgorithm, candidate: dict[str, Any], source: str) -> None:
     """The hyperparameters after the load must pass the constructor's own checks (a hand-edited or damaged
     attributes.pt must not, say, train by gradient ascent with lr < 0)."""
-    candidate = agent.inspect_attributes(agent) | restored
     try:
         agent.validate_hyperparameters(candidate)
     except (ValueError, ValidationError) as error:
@@ -397,9 +391,7 @@ def _modules_to_load(agent: LLMAlgorithm, state: AgentState, plan: _LoadPlan) ->
         if name not in state.modules:
             continue  # e.g. a GRPO checkpoint loaded into PPO: the live value head stays
         if spec.follows_adapter is not None and spec.follows_adapter not in plan.from_checkpoint:
-            continue
-        if spec.follows_adapter is not None and spec.follows_adapter not in state.payload["adapters"]:
-            continue  # that adapter is copied from the actor, not loaded: the module stays too
+            continue  # that adapter is kept or copied from the actor, not loaded: the module stays too
         expected = {k: tuple(v.shape) for k, v in spec.module.state_dict().items()}
         where = state.source / files.MODULES_DIR / f"{name}.safetensors" if state.source else Path(f"<memory>/{name}")
         files.compare_shapes({k: tuple(v.shape) for k, v in state.modules[name].items()}, expected, where)

@@ -117,6 +117,13 @@ def publish(staging: Path, path: Path) -> None:
     Everything in ``staging`` is fsynced first, and the parent folder after the rename, so the published folder
     is on disk whole before anyone (the run manager's completeness marker, its pointer) refers to it."""
     fsync_tree(staging)
+    rename_into_place(staging, path)
+
+
+def rename_into_place(staging: Path, path: Path) -> None:
+    """Rename the folder ``staging`` to ``path`` (atomic), then fsync the parent. A folder already at ``path`` is
+    moved aside to ``.<name>.replaced`` first and deleted only once the new one is in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         os.rename(staging, path)
         fsync_dir(path.parent)
@@ -127,6 +134,14 @@ def publish(staging: Path, path: Path) -> None:
     os.rename(staging, path)
     fsync_dir(path.parent)
     remove_folder(replaced)
+
+
+def write_text_durably(file: Path, text: str) -> None:
+    """Write ``text`` to ``file`` and force it to disk before returning."""
+    with open(file, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def remove_folder(folder: Path) -> None:

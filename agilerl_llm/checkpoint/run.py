@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
 from agilerl_llm.checkpoint.files import CheckpointError
 from agilerl_llm.checkpoint.rng import capture_rng, restore_rng
-from agilerl_llm.checkpoint.snapshot import snapshot_checkpoint, write_snapshot
+from agilerl_llm.checkpoint.snapshot import write_snapshot
 from agilerl_llm.checkpoint.state import AgentState, Distribution, read_state
 from agilerl_llm.checkpoint.storage import LOCK_FILE, Store, basename, new_run_id, normalize_location
 
@@ -388,9 +388,7 @@ class CheckpointManager:
             if save_async:  # without an engine there is nothing collective to do: only the main process writes
                 if self._is_main:
                     previous = self._snapshots.pop(i, None)
-                    snapshots.append(
-                        snapshot_checkpoint(agent, lora_only=True, save_optimizer=True, to_host=True, reuse=previous)
-                    )
+                    snapshots.append(agent.checkpoint_state(to_host=True, reuse=previous))
             else:
                 save_agent_checkpoint(agent, staging / f"agent_{i}", lora_only=True, save_optimizer=True)
         rng_tensors, rng_json = capture_rng()

@@ -1,6 +1,6 @@
 """Fast host copies of an agent's checkpoint state, for saving in a background thread (``save_async``).
 
-``snapshot_checkpoint`` is ``agent.checkpoint_state(to_host=True)`` (the contract in ``state.py``): exactly what
+``agent.checkpoint_state(to_host=True)`` (the contract in ``state.py``) uses these copies: exactly what
 ``save_checkpoint`` writes, copied to host memory so training can go on while ``write_snapshot`` writes it with the
 same files, bytes and atomic staging as a synchronous save.
 
@@ -26,22 +26,6 @@ from agilerl_llm.checkpoint import files
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
     from agilerl_llm.checkpoint.state import AgentState
-
-
-def snapshot_checkpoint(
-    agent: LLMAlgorithm,
-    lora_only: bool = True,
-    save_optimizer: bool = True,
-    to_host: bool = True,
-    reuse: AgentState | None = None,
-) -> AgentState:
-    """``agent.checkpoint_state(...)`` with ``to_host=True`` by default: a copy that later training does not reach.
-
-    ``reuse``: an earlier host snapshot whose tensors may be overwritten to hold this one (each tensor of the same
-    place, shape, dtype and strides is filled with ``copy_`` instead of a fresh allocation; anything else is copied
-    fresh). The earlier snapshot is clobbered: pass one only when nothing reads it any more (its write is done).
-    """
-    return agent.checkpoint_state(lora_only=lora_only, save_optimizer=save_optimizer, to_host=to_host, reuse=reuse)
 
 
 def write_snapshot(snapshot: AgentState, path: str | os.PathLike) -> None:
@@ -124,7 +108,7 @@ def adapter_weights_fast(
     """``state._adapter_weights`` as host copies, without PEFT's state-dict walk (tens of ms per adapter): PEFT's key for each LoRA
     parameter is worked out once per model and reused while the model's LoRA parameter names are unchanged.
     None when that does not apply (ZeRO-3 partitioned parameters, or PEFT keys that are not plain parameters).
-    ``reuse``: earlier host copies (same layout) to overwrite instead of allocating (see ``snapshot_checkpoint``);
+    ``reuse``: earlier host copies (same layout) to overwrite instead of allocating (see ``state.capture_state``);
     with ``copier`` those copies are only queued (its ``flush()`` does them)."""
     cached = _ADAPTER_KEYS.get(agent.actor)
     if cached is None or cached[0] is not named:

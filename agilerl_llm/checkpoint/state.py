@@ -128,7 +128,9 @@ def capture_state(
             optimizer state itself (``save_checkpoint``), so the payload records that instead.
         to_host: copy every tensor (and container) to CPU memory, so the state stays fixed while training goes on
             (async saves, clones). Not possible with a DeepSpeed engine that holds the optimizer state.
-        reuse: an earlier host state whose tensors may be overwritten to hold this one (see ``snapshot.py``).
+        reuse: an earlier host state whose tensors may be overwritten to hold this one: each tensor of the same
+            place, shape, dtype and strides is filled with ``copy_`` instead of a fresh allocation; anything else
+            is copied fresh. The earlier state is clobbered: pass one only when nothing reads it any more.
     """
     from agilerl_llm.checkpoint.snapshot import HostCopier, adapter_weights_fast, host_copy, named_parameters
 

@@ -34,7 +34,7 @@ import fsspec
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from agilerl_llm.checkpoint.files import fsync_dir, fsync_file, fsync_tree
+from agilerl_llm.checkpoint.files import fsync_dir, fsync_file, fsync_tree, rename_into_place, write_text_durably
 
 _LOCAL_PROTOCOLS = {None, "file", "local"}
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -175,10 +175,7 @@ class Store:
             return
         target = Path(self.full(name))
         temp = target.with_name(f".{target.name}.tmp")
-        with open(temp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_text_durably(temp, text)
         os.replace(temp, target)
         fsync_dir(target.parent)
 
@@ -226,25 +223,11 @@ class Store:
     def _publish_local(self, staging: Path, final: Path, marker: str, marker_text: str | None) -> None:
         fsync_tree(staging)  # every file durable before the marker says the folder is complete
         if marker_text is not None:
-            with open(staging / marker, "w") as handle:
-                handle.write(marker_text)
-                handle.flush()
-                os.fsync(handle.fileno())
+            write_text_durably(staging / marker, marker_text)
         else:
             fsync_file(staging / marker)
         fsync_dir(staging)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            replaced = final.with_name(f".{final.name}.replaced")
-            if replaced.exists():
-                shutil.rmtree(replaced)
-            os.rename(final, replaced)
-            os.rename(staging, final)
-            fsync_dir(final.parent)
-            shutil.rmtree(replaced)
-        else:
-            os.rename(staging, final)
-        fsync_dir(final.parent)
+        rename_into_place(staging, final)
 
     def _publish_remote(self, staging: Path, name: str, marker: str, marker_text: str | None) -> None:
         if self.exists(name):

@@ -15,6 +15,7 @@ that rule after every switch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -103,6 +104,18 @@ class AdapterSet:
             self.copy(ACTOR, REFERENCE)
         self.active = ACTOR
         self.activate(ACTOR)
+
+    def copy_sharing_base(self) -> AdapterSet:
+        """An adapter set on a deep copy of the PEFT model that keeps pointing at the same frozen base tensors:
+        every adapter tensor is copied, no base tensor is (``clone()``: a population member costs its adapters)."""
+        shared = {id(p): p for name, p in self.model.named_parameters() if "lora_" not in name}
+        copied = copy.deepcopy(self.model, memo=shared)
+        for (name, original), (_, new) in zip(self.model.named_parameters(), copied.named_parameters(), strict=True):
+            if (original is new) == ("lora_" in name):  # the base must be shared, every adapter tensor copied
+                raise RuntimeError(f"clone(): parameter {name} is {'shared' if original is new else 'copied'}.")
+        result = copy.copy(self)
+        result.model = copied
+        return result
 
     @property
     def lora_config(self) -> LoraConfig:

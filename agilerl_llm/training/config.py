@@ -128,39 +128,27 @@ def check_algorithm_params(name: str, params: dict[str, Any]) -> None:
     import inspect
 
     import agilerl_llm
-    from agilerl_llm.algorithms.base import _check_base_arguments
 
     cls = getattr(agilerl_llm, name)
-    defaults: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in klass.__dict__:
-            for parameter in inspect.signature(klass.__init__).parameters.values():
-                if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
-                    defaults[parameter.name] = parameter.default
-    allowed = sorted(set(defaults) - _JOB_OWNED_ARGUMENTS)
+    arguments = {
+        parameter.name
+        for klass in cls.__mro__
+        if "__init__" in klass.__dict__
+        for parameter in inspect.signature(klass.__init__).parameters.values()
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    }
+    allowed = sorted(arguments - _JOB_OWNED_ARGUMENTS)
     for key in params:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"params.{key} is not an argument of {name}{hint}")
-    values = {k: v for k, v in defaults.items() if v is not inspect.Parameter.empty} | params
-    for model in cls.hyperparameter_models:
-        given = {k: params[k] for k in model.model_fields if k in params}
-        try:
-            model(**given)
-        except ValidationError as error:
-            first = error.errors()[0]
-            field = ".".join(str(part) for part in first["loc"])
-            raise ValueError(f"params.{field}: {first['msg']} (got {first.get('input')!r})") from None
     try:
-        _check_base_arguments(
-            0,
-            values.get("batch_size"),
-            values.get("lr"),
-            values.get("max_grad_norm"),
-            values.get("micro_batch_size_per_gpu"),
-            values.get("index", 0),
-        )
+        cls.validate_hyperparameters(params)  # the constructor's rules, as on checkpoint restore
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"params.{field}: {first['msg']} (got {first.get('input')!r})") from None
     except ValueError as error:
         raise ValueError(f"params: {error}") from None
 
