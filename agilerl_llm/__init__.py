@@ -12,6 +12,7 @@ from agilerl_llm.algorithms.ppo import LLMPPO
 from agilerl_llm.algorithms.reinforce import LLMReinforce
 from agilerl_llm.algorithms.sft import SFT
 from agilerl_llm.checkpoint.agent import save_llm_checkpoint
+from agilerl_llm.distributed import Distributed, make_accelerator
 from agilerl_llm.envs.preference import PreferenceGym
 from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym, RewardFunctionError
 from agilerl_llm.envs.sft import SFTGym
@@ -37,6 +38,7 @@ __all__ = [
     "SFTGym",
     "ActionResult",
     "CosineLRScheduleConfig",
+    "Distributed",
     "HyperparameterConfig",
     "LLMAlgorithm",
     "MetricsLogger",
@@ -51,5 +53,6 @@ __all__ = [
     "finetune_llm_preference",
     "finetune_llm_reasoning",
     "finetune_llm_sft",
+    "make_accelerator",
     "save_llm_checkpoint",
 ]

@@ -31,6 +31,8 @@ Shape notation
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -200,7 +202,9 @@ def broadcast_to_tokens(values: Tensor, action_mask: Tensor, turn_ids: Tensor | 
     return torch.where(mask, values.gather(1, ids), torch.zeros((), dtype=values.dtype, device=values.device))
 
 
-def whiten_token_advantages(advantages: Tensor, action_mask: Tensor, eps: float = 1e-8) -> Tensor:
+def whiten_token_advantages(
+    advantages: Tensor, action_mask: Tensor, eps: float = 1e-8, *, batch_sum: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Whiten token advantages over the action positions of the batch.
 
     ``(A - mean) / (std + eps)`` with the masked mean and population std over all action tokens.
@@ -209,18 +213,21 @@ def whiten_token_advantages(advantages: Tensor, action_mask: Tensor, eps: float 
         advantages: (N, T).
         action_mask: (N, T).
         eps: added to the standard deviation.
+        batch_sum: sums a statistic over the whole batch when it is split across processes (each holding some
+            of the rows): the mean and std are then the global batch's. None: this tensor is the whole batch.
 
     Returns:
         (N, T) whitened advantages on action tokens, 0 elsewhere (all zeros when there is no action token).
     """
     _check_eps("eps", eps)
+    total = batch_sum or (lambda statistic: statistic)
     mask = action_mask.bool()
     weight = mask.to(advantages.dtype)
-    count = weight.sum().clamp(min=1.0)
+    count = total(weight.sum()).clamp(min=1.0)
     masked = torch.where(mask, advantages, 0.0)
-    mean = masked.sum() / count
+    mean = total(masked.sum()) / count
     centred = torch.where(mask, advantages - mean, 0.0)
-    std = _safe_sqrt(centred.pow(2).sum() / count)
+    std = _safe_sqrt(total(centred.pow(2).sum()) / count)
     return centred / (std + eps)
 
 
@@ -294,6 +301,7 @@ def compute_grpo_token_advantages(
     whiten: bool = False,
     clip_range: float | None = None,
     eps: float = 1e-6,
+    batch_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """GRPO token advantages: group-relative -> broadcast to tokens -> optional whitening -> optional clip.
 
@@ -314,6 +322,8 @@ def compute_grpo_token_advantages(
         whiten: whiten over action tokens after broadcasting (``whiten_advantages``).
         clip_range: ``adv_clip_range``, applied last.
         eps: added to every standard deviation.
+        batch_sum: for whitening a batch split across processes (see ``whiten_token_advantages``); groups never
+            span processes, so the group statistics need no reduction.
 
     Returns:
         (N, T) advantages on action tokens, 0 elsewhere.
@@ -329,11 +339,13 @@ def compute_grpo_token_advantages(
         returns = rewards.sum(dim=1) if rewards.dim() == 2 else rewards
         token_adv = broadcast_to_tokens(group_relative_advantages(returns, group_size, adv_norm, eps), action_mask)
     if whiten:
-        token_adv = whiten_token_advantages(token_adv, action_mask, eps)
+        token_adv = whiten_token_advantages(token_adv, action_mask, eps, batch_sum=batch_sum)
     return clip_advantages(token_adv, clip_range)
 
 
-def return_batch_normalisation(returns: Tensor, eps: float = 1e-6) -> Tensor:
+def return_batch_normalisation(
+    returns: Tensor, eps: float = 1e-6, *, batch_sum: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Return batch normalisation (ReBN): standardise returns across the whole batch, not per group.
 
     ``(R_i - mean) / (std + eps)`` with the population std over all N rows; a constant batch gives 0.
@@ -341,13 +353,20 @@ def return_batch_normalisation(returns: Tensor, eps: float = 1e-6) -> Tensor:
     Args:
         returns: (N,).
         eps: added to the standard deviation.
+        batch_sum: sums a statistic over the whole batch when its rows are split across processes; None: these
+            N rows are the whole batch.
 
     Returns:
         (N,) normalised returns.
     """
     if returns.dim() != 1:
         raise ValueError(f"returns must be 1-D (N,), got shape {tuple(returns.shape)}.")
-    return group_relative_advantages(returns, max(returns.shape[0], 1), "mean_std", eps)
+    if batch_sum is None:
+        return group_relative_advantages(returns, max(returns.shape[0], 1), "mean_std", eps)
+    count = batch_sum(torch.tensor(float(returns.shape[0]), dtype=returns.dtype, device=returns.device)).clamp(min=1.0)
+    centred = returns - batch_sum(returns.sum()) / count
+    std = _safe_sqrt(batch_sum(centred.pow(2).sum()) / count)
+    return centred / (std + eps)
 
 
 def gae(rewards: Tensor, values: Tensor, action_mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:

@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     from agilerl_llm.quickstart import summary_table
     from agilerl_llm.training.job import run_reasoning_job
 
-    print(summary_table(run_reasoning_job(config)))
+    result = run_reasoning_job(config)
+    if result.is_main:  # under a multi-process launch, one report
+        print(summary_table(result))
     return EXIT_OK
 
 

@@ -6,7 +6,8 @@ The base class wires collaborators together and computes nothing of its own:
 * ``HiddenStatesModel`` (model/forward.py)  the training forward, up to the final hidden states;
 * ``fused_logprobs`` (model/logprobs.py)    chunked lm_head -> log-prob op, used for every log-prob;
 * the optimizer and LR schedule (optim.py) over the trainable adapters only;
-* an optional ``accelerate.Accelerator`` (DDP / DeepSpeed), the same code path as one process.
+* ``Distributed`` (distributed.py): rank, collectives, backward and optimizer step on every backend
+  (one process, data parallel, DeepSpeed ZeRO-2/3), so the algorithms read the same on all of them.
 
 Subclasses say what to optimise: they implement ``learn`` (and ``get_action`` / ``test`` where they
 generate). Constructor arguments follow the AgileRL LLM API names and defaults.
@@ -34,6 +35,7 @@ from agilerl_llm.checkpoint.agent import apply_state
 from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
 from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
 from agilerl_llm.checkpoint.state import AgentState, CheckpointModule, capture_state
+from agilerl_llm.distributed import Distributed
 from agilerl_llm.evolution.hyperparameters import HyperparameterConfig, as_hyperparameter_config
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
 from agilerl_llm.model.forward import HiddenStatesModel, enable_activation_checkpointing
@@ -42,7 +44,18 @@ from agilerl_llm.optim import CosineLRScheduleConfig, build_lr_scheduler, build_
 
 # Attributes that hold collaborators (networks, optimizer, accelerator, hooks), not hyperparameters.
 _COLLABORATORS = frozenset(
-    {"adapters", "actor", "policy_forward", "optimizer", "lr_scheduler", "accelerator", "mutation_hooks", "hp_config"}
+    {
+        "adapters",
+        "actor",
+        "policy_forward",
+        "optimizer",
+        "lr_scheduler",
+        "accelerator",
+        "dist",
+        "engine",
+        "mutation_hooks",
+        "hp_config",
+    }
 )
 
 
@@ -58,7 +71,8 @@ class LLMAlgorithm(GenerationMixin):
         hp_config: hyperparameter mutation ranges (``HyperparameterConfig`` or a dict of its fields); None
             disables mutation. Every name must be a scalar attribute of the algorithm, inside its range.
         index: the agent's id in a population.
-        batch_size: experiences per optimizer step.
+        batch_size: experiences per optimizer step on each process (the global batch is ``batch_size`` times the
+            number of processes; see ``agilerl_llm.distributed``).
         lr: peak learning rate of AdamW on the adapters.
         max_grad_norm: gradient-norm clip; None disables clipping.
         micro_batch_size_per_gpu: rows per forward/backward; gradients accumulate over
@@ -124,6 +138,8 @@ class LLMAlgorithm(GenerationMixin):
         self.cosine_lr_schedule_config = cosine_lr_schedule_config
         self.use_separate_reference_adapter = use_separate_reference_adapter
         self.accelerator = accelerator
+        self.dist = Distributed(accelerator)  # refuses a multi-process launch this accelerator cannot see
+        self.engine: Any | None = None  # the DeepSpeed engine, once wrapped under DeepSpeed
         self.device = torch.device(accelerator.device if accelerator is not None else device)
         self.seed = seed
         self.gradient_checkpointing = gradient_checkpointing
@@ -143,7 +159,7 @@ class LLMAlgorithm(GenerationMixin):
             enable_activation_checkpointing(network)
         self.adapters = AdapterSet(network, lora_config, self.adapter_names())
         self.actor = self.adapters.model.to(self.device)
-        self.policy_forward = HiddenStatesModel(self.actor, calc_position_embeddings)
+        self.policy_forward = self.make_policy_forward(self.actor)
         self._build_optimizer()
         if accelerator is not None and wrap:
             self.wrap_models()
@@ -276,11 +292,9 @@ class LLMAlgorithm(GenerationMixin):
     def _output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The lm_head's weight and bias; under ZeRO-3 a gathered, detached copy (the head is always frozen)."""
         weight, bias = self.policy_forward_module.output_head()
-        if not hasattr(weight, "ds_id"):  # only ZeRO-3 partitions parameters (and tags them with ds_id)
+        if not self.dist.is_partitioned(weight):
             return weight, bias
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for p in (weight, bias) if p is not None]):
+        with self.dist.gathered([p for p in (weight, bias) if p is not None]):
             return weight.detach().clone(), None if bias is None else bias.detach().clone()
 
     @property
@@ -291,47 +305,41 @@ class LLMAlgorithm(GenerationMixin):
         return self.policy_forward
 
     # ------------------------------------------------------------------------------------------ optimisation
+    def make_policy_forward(self, actor: PeftModel) -> HiddenStatesModel:
+        """The training forward over ``actor``: the module the accelerator wraps (PPO adds its value head)."""
+        return HiddenStatesModel(actor, self.calc_position_embeddings)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer trains: the trainable adapters and any extra trainable module (PPO's value head)."""
+        extra = [p for spec in self.checkpoint_modules().values() for p in spec.module.parameters()]
+        return self.adapters.trainable_parameters() + extra
+
     def _build_optimizer(self) -> None:
-        self.optimizer = build_optimizer(self.adapters.trainable_parameters(), self.lr)
+        self.optimizer = build_optimizer(self.trainable_parameters(), self.lr)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cosine_lr_schedule_config)
 
     def reinit_optimizers(self) -> None:
-        """Fresh optimizer and schedule over the trainable adapters (state is dropped)."""
+        """Fresh optimizer and schedule over the trainable adapters (state is dropped); under DeepSpeed a fresh
+        engine around them."""
+        if self.engine is not None:
+            self.policy_forward, self.engine = self.policy_forward_module, None
         self._build_optimizer()
         if self.accelerator is not None:
-            self.optimizer = self.accelerator.prepare(self.optimizer)
-
-    def _deepspeed_engine(self) -> Any | None:
-        """This agent's own DeepSpeed engine (the prepared training forward), or None without DeepSpeed."""
-        engine = self.__dict__.get("policy_forward")
-        return engine if hasattr(engine, "save_checkpoint") and hasattr(engine, "backward") else None
+            self.wrap_models()
 
     def _backward(self, loss: torch.Tensor) -> None:
-        engine = self._deepspeed_engine()
-        if engine is not None:
-            # accelerator.backward drives the first engine Accelerate prepared; each agent drives its own.
-            engine.backward(loss)
-            engine.step()
-        elif self.accelerator is not None:
-            self.accelerator.backward(loss)
-        else:
-            loss.backward()
+        """Accumulate the gradient of ``loss``, this rank's share of the step's global loss (see distributed.py)."""
+        self.dist.backward(loss, self.engine)
 
     def _optimizer_step(self) -> float:
-        """Clip, step the optimizer and schedule, zero grads; returns the pre-clip gradient norm."""
-        parameters = self.adapters.trainable_parameters()
-        max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        if (engine := self._deepspeed_engine()) is not None:
-            grad_norm = engine.get_global_grad_norm()  # DeepSpeed clipped inside engine.step()
-        elif self.accelerator is not None:
-            grad_norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        self.optimizer.step()
+        """The one optimizer step: gradients summed over ranks, clipped by their global norm, one optimizer step
+        and one LR-schedule step, gradients zeroed. Returns the pre-clip gradient norm."""
+        grad_norm = self.dist.optimizer_step(
+            self.optimizer, self.trainable_parameters(), self.max_grad_norm, self.engine
+        )
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float("nan") if grad_norm is None else float(grad_norm)  # DeepSpeed may report no norm
+        return grad_norm
 
     def get_lr_names(self) -> list[str]:
         """Names of the learning-rate attributes (mutated by evolution)."""
@@ -350,37 +358,25 @@ class LLMAlgorithm(GenerationMixin):
         self.actor.train(training)
 
     def wrap_models(self) -> None:
-        """Prepare the training forward, optimizer and schedule with the accelerator (together, for DeepSpeed)."""
-        if self.accelerator is None:
-            return
-        self._fill_deepspeed_batch_config()
-        if self.lr_scheduler is not None:
-            self.policy_forward, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-                self.policy_forward, self.optimizer, self.lr_scheduler
-            )
-        else:
-            self.policy_forward, self.optimizer = self.accelerator.prepare(self.policy_forward, self.optimizer)
+        """Ready the training forward and optimizer for the accelerator's backend (together, for DeepSpeed).
 
-    def _fill_deepspeed_batch_config(self) -> None:
-        """Resolve a DeepSpeed config's "auto" sizes from ours: no dataloader tells Accelerate the micro-batch."""
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is None:
+        The LR schedule is never handed to Accelerate: a prepared schedule steps once per process per optimizer
+        step. It stays ours and steps once per optimizer step (``_optimizer_step``).
+        """
+        if self.accelerator is None or self.engine is not None:
             return
-        config = plugin.deepspeed_config
-        ours = {
-            "train_micro_batch_size_per_gpu": self.micro_batch_size_per_gpu,
-            "gradient_accumulation_steps": 1,  # each backward is one engine step, as with accelerator.backward
-            "gradient_clipping": self.max_grad_norm or 0.0,
-        }
-        for key, value in ours.items():
-            if config.get(key, "auto") == "auto":
-                config[key] = value
-        if config.get("train_batch_size", "auto") == "auto":
-            steps = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
-            config["train_batch_size"] = steps * self.accelerator.num_processes
+        self.policy_forward, self.optimizer, self.engine = self.dist.prepare(
+            self.policy_forward,
+            self.optimizer,
+            micro_batch_size=self.micro_batch_size_per_gpu,
+            max_grad_norm=self.max_grad_norm,
+        )
 
     def unwrap_models(self) -> None:
-        """Remove the accelerator's wrapper from the training forward."""
+        """Remove the accelerator's wrapper from the training forward (not possible under DeepSpeed, whose engine
+        owns the optimizer)."""
+        if self.engine is not None:
+            raise RuntimeError("a DeepSpeed engine cannot be unwrapped: it owns the optimizer state.")
         if self.accelerator is not None:
             self.policy_forward = self.accelerator.unwrap_model(self.policy_forward)
 
@@ -392,7 +388,7 @@ class LLMAlgorithm(GenerationMixin):
         """Release the networks and optimizer (and the accelerator's references to them)."""
         if self.accelerator is not None:
             self.accelerator.free_memory()
-        for name in ("policy_forward", "actor", "adapters", "optimizer", "lr_scheduler"):
+        for name in ("policy_forward", "engine", "actor", "adapters", "optimizer", "lr_scheduler"):
             self.__dict__.pop(name, None)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -500,17 +496,19 @@ class LLMAlgorithm(GenerationMixin):
             if name not in _COLLABORATORS:
                 clone.__dict__[name] = copy.deepcopy(value)
         clone.accelerator = self.accelerator
+        clone.dist = self.dist
+        clone.engine = None
         clone.hp_config = self.hp_config
         clone.mutation_hooks = list(self.mutation_hooks)
         clone.adapters = self.adapters.copy_sharing_base()
         clone.actor = clone.adapters.model
-        clone.policy_forward = HiddenStatesModel(clone.actor, self.calc_position_embeddings)
+        clone.policy_forward = clone.make_policy_forward(clone.actor)
         clone._build_optimizer()
         # Adapters, extra modules, optimizer and schedule through the checkpoint contract (host copies: nothing
         # is shared with this agent afterwards).
         # Under DeepSpeed the engine owns the optimizer state, which a fresh optimizer cannot take: the clone
         # starts with a fresh optimizer (and its engine, once wrapped).
-        plain = self._deepspeed_engine() is None
+        plain = self.engine is None
         clone.load_checkpoint_state(
             self.checkpoint_state(lora_only=True, save_optimizer=plain, to_host=True),
             load_optimizer=plain,

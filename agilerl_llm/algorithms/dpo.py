@@ -100,9 +100,7 @@ class DPO(LLMAlgorithm):
         self, mini_batch: PreferenceBatch, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor
     ) -> dict[str, float]:
         """Accumulate the DPO loss over micro-batches of pairs, then take one optimizer step."""
-        num_pairs = torch.tensor(float(mini_batch.num_pairs), device=self.device)
-        if self.accelerator is not None:
-            num_pairs = self.accelerator.reduce(num_pairs, reduction="sum")
+        num_pairs = self.dist.all_reduce_sum(torch.tensor(float(mini_batch.num_pairs), device=self.device))
         sums = dict.fromkeys(("loss/dpo", "rewards/accuracy", "rewards/margin", "rewards/chosen",
                               "rewards/rejected", "logps/chosen", "logps/rejected"), 0.0)  # fmt: skip
         for start in range(0, mini_batch.num_pairs, self.micro_batch_size_per_gpu):
@@ -129,6 +127,7 @@ class DPO(LLMAlgorithm):
             sums["rewards/rejected"] += float(rejected_rewards.sum() / num_pairs)
             sums["logps/chosen"] += float(chosen.detach().sum() / num_pairs)
             sums["logps/rejected"] += float(rejected.detach().sum() / num_pairs)
+        sums = self.dist.sum_floats(sums)  # each is normalised by the global pair count: the sum is global
         sums["grad_norm"] = self._optimizer_step()
         return sums
 
@@ -142,9 +141,12 @@ class DPO(LLMAlgorithm):
 
     @torch.no_grad()
     def evaluate(self, env: PreferenceGym) -> dict[str, float]:
-        """DPO loss, reward accuracy and margin over the whole held-out split (``eval/...``)."""
-        losses, accurate, margins = [], [], []
-        for batch in env.test_batches():
+        """DPO loss, reward accuracy and margin over the whole held-out split (``eval/...``).
+
+        Under several processes each rank scores its share and the sums are reduced: every rank gets the same.
+        """
+        losses, accurate, margins, counts = [], [], [], []
+        for batch, counted in env.sharded_test_batches():
             ref_chosen, ref_rejected = self._sequence_logprobs(batch, policy="reference")
             chosen, rejected = self._sequence_logprobs(batch, policy="actor")
             loss, chosen_rewards, rejected_rewards = dpo_loss(
@@ -153,11 +155,18 @@ class DPO(LLMAlgorithm):
             losses.append(loss)
             accurate.append((chosen_rewards > rejected_rewards).float())
             margins.append(chosen_rewards - rejected_rewards)
-        return {
-            "eval/loss": float(torch.cat(losses).mean()),
-            "eval/accuracy": float(torch.cat(accurate).mean()),
-            "eval/margin": float(torch.cat(margins).mean()),
-        }
+            counts.append(counted.to(chosen.device))
+        counted = torch.cat(counts)
+        totals = self.dist.sum_floats(
+            {
+                "pairs": float(counted.sum()),
+                "loss": float(torch.cat(losses)[counted].sum()),
+                "accuracy": float(torch.cat(accurate)[counted].sum()),
+                "margin": float(torch.cat(margins)[counted].sum()),
+            }
+        )
+        pairs = max(totals["pairs"], 1.0)
+        return {f"eval/{name}": totals[name] / pairs for name in ("loss", "accuracy", "margin")}
 
     def test(self, env: PreferenceGym, loop: int = 1) -> torch.Tensor:
         """Held-out reward accuracy as a 0-d tensor; it is appended to ``fitness``."""

@@ -75,6 +75,7 @@ class GenerationMixin:
                 pad_token_id=self.pad_token_id,
                 eos_token_ids=self._eos_token_ids(),
                 chunk_size=getattr(self, "hf_generate_chunk_size", None),
+                synced_gpus=self.dist.synced_generation,
             )
 
     def _eos_token_ids(self) -> list[int]:
@@ -88,15 +89,24 @@ class GenerationMixin:
     def test(self, env: ReasoningGym, loop: int = 1) -> torch.Tensor:
         """Greedy completions for the whole held-out split, ``loop`` times; returns every reward.
 
+        Under several processes each rank scores its share of the split (``envs/sharding.py``) and the rewards
+        are gathered, so every rank returns the same rewards, in test-split order, and appends the same fitness.
         The mean reward is appended to ``self.fitness``.
         """
-        rewards = []
+        rewards, sample_ids = [], []
         with env.eval_mode():
-            for _ in range(loop):
+            for repeat in range(loop):
                 prompts = env.reset()
                 while prompts is not None:
+                    ids = prompts.sample_ids or tuple(range(len(prompts)))
                     prompts, batch_rewards = env.step(self.get_action(prompts, training=False))
                     rewards.append(batch_rewards.flatten())
+                    # a global key per row: the repeat, then the test-split index (-1: padding, not counted)
+                    sample_ids.append(torch.tensor([i + repeat * len(env.test_dataset) if i >= 0 else -1 for i in ids]))
         all_rewards = torch.cat(rewards)
+        if self.dist.world_size > 1:
+            keys, all_rewards = self.dist.gather_rows(torch.cat(sample_ids)), self.dist.gather_rows(all_rewards)
+            counted = keys >= 0
+            all_rewards = all_rewards[counted][torch.argsort(keys[counted], stable=True)]
         self.fitness.append(float(all_rewards.mean()))
         return all_rewards

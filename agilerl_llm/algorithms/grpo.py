@@ -32,6 +32,7 @@ from agilerl_llm.advantages import compute_grpo_token_advantages, nonzero_advant
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.updates import policy_gradient_step, run_update_epochs, with_behaviour_logprobs
+from agilerl_llm.distributed import DEEPSPEED
 from agilerl_llm.losses import resolve_clip_bounds, resolve_importance_sampling_level
 from agilerl_llm.rollout.base import SamplingSettings
 
@@ -227,11 +228,13 @@ class GRPO(LLMAlgorithm):
             turn_ids=turn_ids,
             whiten=self.whiten_advantages,
             clip_range=self.adv_clip_range,
+            batch_sum=self.dist.all_reduce_sum,
         )
         batch = batch.with_fields(advantages=advantages, turn_ids=turn_ids)
         if self.filter_zero_adv:
-            batch = batch.select(nonzero_advantage_rows(advantages, batch.action_mask, self.adv_filter_eps))
-        if batch.num_rows == 0:
+            batch = self._drop_rows_without_signal(batch)
+        rows_kept = self.dist.sum_floats({"rows": float(batch.action_mask.any(dim=1).sum())})["rows"]
+        if rows_kept == 0:  # on every rank: nothing anywhere has a learning signal
             return {"mean_loss": 0.0, "mean_kl": 0.0, "rows_kept": 0.0}
         batch = with_behaviour_logprobs(self, batch, self.beta)
         self.set_training_mode(True)
@@ -249,13 +252,28 @@ class GRPO(LLMAlgorithm):
                 use_kl_advantage_shaping=self.use_kl_advantage_shaping,
                 activation_offload=self.activation_offload,
             ),
+            agent=self,
         )
         return metrics | {
             "mean_loss": metrics.pop("loss"),
             "mean_kl": metrics.pop("kl"),
-            "rows_kept": float(batch.num_rows),
+            "rows_kept": rows_kept,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
+
+    def _drop_rows_without_signal(self, batch: Experience) -> Experience:
+        """``filter_zero_adv``: rows whose advantages are all (near) zero leave the update.
+
+        Under DeepSpeed with several processes they stay, with their action mask cleared: every rank must run the
+        same forward and backward passes (they are collectives), and a row without action tokens adds nothing to
+        the loss, the KL term or the token count, so the update is the same as with the rows dropped.
+        """
+        keep = nonzero_advantage_rows(batch.advantages, batch.action_mask, self.adv_filter_eps)
+        if self.dist.backend != DEEPSPEED or self.dist.world_size == 1:
+            return batch.select(keep)
+        kept = torch.zeros(batch.num_rows, dtype=torch.bool, device=batch.action_mask.device)
+        kept[keep] = True
+        return batch.with_fields(action_mask=batch.action_mask & kept[:, None])
 
 
 class GSPO(GRPO):

@@ -14,8 +14,9 @@ One learning step (``LLMPPO.learn``), top to bottom:
 
 Where we deviate from classic RLHF PPO (Ouyang et al. 2022): the per-token KL penalty is the k3 estimator,
 the package's one KL estimator, instead of the log-ratio; the value head reads the critic adapter's final
-hidden state (a separate forward from the actor's, over the same frozen base). The value head's gradient
-is clipped on its own to ``max_grad_norm`` (the base class clips the adapters).
+hidden state (a separate forward from the actor's, over the same frozen base). The value head lives inside
+the training forward module (``HiddenStatesModel.value_head``), so it is trained by the same optimizer (and, under
+DeepSpeed, the same engine) as the adapters, and ``max_grad_norm`` clips all of them by one global norm.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.updates import run_update_epochs
 from agilerl_llm.checkpoint.state import CheckpointModule
+from agilerl_llm.distributed import is_partitioned
 from agilerl_llm.losses import clipped_value_loss, grpo_policy_loss, kl_k3, resolve_clip_bounds
 from agilerl_llm.model.adapters import CRITIC
+from agilerl_llm.model.forward import HiddenStatesModel
 from agilerl_llm.model.value_head import ValueHead
-from agilerl_llm.optim import build_lr_scheduler, build_optimizer
 from agilerl_llm.rollout.base import SamplingSettings
 
 
@@ -125,19 +127,17 @@ class LLMPPO(LLMAlgorithm):
         """The value head travels with the critic adapter (``modules/value_head.safetensors``)."""
         return {"value_head": CheckpointModule(self.value_head, follows_adapter=CRITIC)}
 
-    def _build_optimizer(self) -> None:
-        """AdamW over the actor and critic adapters and the value head (created here on first use)."""
-        if "value_head" not in self.__dict__:
-            hidden_size = self.policy_forward_module.output_head()[0].shape[1]
-            self.value_head = ValueHead(hidden_size).to(self.device)
-        parameters = self.adapters.trainable_parameters() + list(self.value_head.parameters())
-        self.optimizer = build_optimizer(parameters, self.lr)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cosine_lr_schedule_config)
+    def make_policy_forward(self, actor: Any) -> HiddenStatesModel:
+        """The training forward with the value head inside it (one module for the accelerator to wrap)."""
+        weight = actor.get_base_model().get_output_embeddings().weight
+        hidden_size = int((weight.ds_shape if is_partitioned(weight) else weight.shape)[1])
+        value_head = ValueHead(hidden_size).to(self.device)
+        return HiddenStatesModel(actor, self.calc_position_embeddings, value_head=value_head)
 
-    def _optimizer_step(self) -> float:
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), self.max_grad_norm)
-        return super()._optimizer_step()
+    @property
+    def value_head(self) -> ValueHead:
+        """The critic's value head (a submodule of the training forward)."""
+        return self.policy_forward_module.value_head
 
     def get_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Critic values without grad: (N, S) ids -> (N, S-1), position t valuing the prefix up to token t.
@@ -153,8 +153,7 @@ class LLMPPO(LLMAlgorithm):
 
     def _critic_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, S) -> (N, S-1) values; call with the critic adapter active."""
-        hidden = self.policy_forward(input_ids.to(self.device), attention_mask.to(self.device))
-        return self.value_head(hidden[:, :-1])
+        return self.policy_forward(input_ids.to(self.device), attention_mask.to(self.device), values=True)
 
     # ------------------------------------------------------------------------------------------ learning
     def learn(self, experiences: Any) -> dict[str, float]:
@@ -180,7 +179,7 @@ class LLMPPO(LLMAlgorithm):
         token_rewards = kl_penalised_token_rewards(rewards, mask, kl, self.beta)
         advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.gae_lambda)
         if self.whiten_advantages:
-            advantages = whiten_token_advantages(advantages, mask)
+            advantages = whiten_token_advantages(advantages, mask, batch_sum=self.dist.all_reduce_sum)
         batch = batch.with_fields(advantages=advantages, old_logprobs=old_logprobs)
         self.set_training_mode(True)
         metrics = run_update_epochs(
@@ -188,12 +187,21 @@ class LLMPPO(LLMAlgorithm):
             batch_size=self.batch_size,
             update_epochs=self.update_epochs,
             optimise_mini_batch=lambda rows: self._optimise_mini_batch(batch, old_values, returns, rows),
+            agent=self,
         )
-        num_actions = mask.sum().clamp(min=1)
+        totals = self.dist.sum_floats(  # over the global batch
+            {
+                "actions": float(mask.sum()),
+                "kl": float(kl[mask].sum()) if kl is not None else 0.0,
+                "value": float(old_values[mask].sum()),
+                "return": float(returns[mask].sum()),
+            }
+        )
+        num_actions = max(totals["actions"], 1.0)
         return metrics | {
-            "mean_kl": float(kl[mask].mean()) if kl is not None and mask.any() else 0.0,
-            "value_mean": float(old_values[mask].sum() / num_actions),
-            "return_mean": float(returns[mask].sum() / num_actions),
+            "mean_kl": totals["kl"] / num_actions,
+            "value_mean": totals["value"] / num_actions,
+            "return_mean": totals["return"] / num_actions,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 
@@ -201,10 +209,7 @@ class LLMPPO(LLMAlgorithm):
         self, batch: Experience, old_values: torch.Tensor, returns: torch.Tensor, rows: torch.Tensor
     ) -> dict[str, float]:
         """Accumulate policy + value gradients over micro-batches of ``rows``, then take one optimizer step."""
-        num_tokens = batch.action_mask[rows].sum().float()
-        if self.accelerator is not None:
-            num_tokens = self.accelerator.reduce(num_tokens, reduction="sum")
-        normalizer = num_tokens.clamp(min=1.0)
+        normalizer = self.dist.all_reduce_sum(batch.action_mask[rows].sum().float()).clamp(min=1.0)
         ratio_low, ratio_high = resolve_clip_bounds(self.clip_coef)
         sums = dict.fromkeys(("mean_loss", "policy_loss", "value_loss", "clip_fraction", "ratio_mean"), 0.0)
         for start in range(0, len(rows), self.micro_batch_size_per_gpu):
@@ -244,5 +249,6 @@ class LLMPPO(LLMAlgorithm):
             sums["value_loss"] += float(value_loss.detach())
             sums["clip_fraction"] += float(policy.clip_fraction)
             sums["ratio_mean"] += float(policy.ratio_mean)
+        sums = self.dist.sum_floats(sums)  # each is normalised by the global token count: the sum is global
         sums["grad_norm"] = self._optimizer_step()
         return sums

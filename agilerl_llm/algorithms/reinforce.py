@@ -106,7 +106,8 @@ class LLMReinforce(LLMAlgorithm):
     def compute_advantages(self, batch: Experience) -> torch.Tensor:
         """(N, T) token advantages: the batch-normalised return of each row on its action tokens."""
         returns = batch.rewards.sum(dim=1) if batch.rewards.dim() == 2 else batch.rewards
-        return broadcast_to_tokens(return_batch_normalisation(returns, self.rebn_eps), batch.action_mask)
+        normalised = return_batch_normalisation(returns, self.rebn_eps, batch_sum=self.dist.all_reduce_sum)
+        return broadcast_to_tokens(normalised, batch.action_mask)
 
     def learn(self, experiences: Any) -> dict[str, float]:
         """One REINFORCE update from ``(completion_ids, action_masks, rewards[, attention_mask])`` or an ``Experience``.
@@ -126,6 +127,7 @@ class LLMReinforce(LLMAlgorithm):
             optimise_mini_batch=lambda rows: policy_gradient_step(
                 self, batch.select(rows), loss_type="grpo", ratio_bounds=self.clip_bounds, beta=self.beta
             ),
+            agent=self,
         )
         return metrics | {
             "mean_loss": metrics.pop("loss"),

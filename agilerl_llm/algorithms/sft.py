@@ -63,9 +63,7 @@ class SFT(LLMAlgorithm):
         }
 
     def _optimise_mini_batch(self, mini_batch: SupervisedBatch) -> dict[str, float]:
-        num_tokens = mini_batch.loss_mask.sum().float().to(self.device)
-        if self.accelerator is not None:
-            num_tokens = self.accelerator.reduce(num_tokens, reduction="sum")
+        num_tokens = self.dist.all_reduce_sum(mini_batch.loss_mask.sum().float().to(self.device))
         normalizer = num_tokens.clamp(min=1.0)
         total = 0.0
         for start in range(0, mini_batch.num_rows, self.micro_batch_size_per_gpu):
@@ -76,19 +74,24 @@ class SFT(LLMAlgorithm):
             loss = sft_loss(logprobs, micro.loss_mask.to(self.device), normalizer)
             self._backward(loss)
             total += float(loss.detach())
+        total = self.dist.sum_floats({"loss": total})["loss"]  # shares of the global loss
         return {"loss": total, "grad_norm": self._optimizer_step(), "num_tokens": float(num_tokens)}
 
     @torch.no_grad()
     def evaluate(self, env: SFTGym) -> dict[str, float]:
-        """Mean NLL per completion token over the whole held-out split (``eval/loss``) and its perplexity."""
+        """Mean NLL per completion token over the whole held-out split (``eval/loss``) and its perplexity.
+
+        Under several processes each rank scores its share and the sums are reduced: every rank gets the same.
+        """
         self.set_training_mode(False)
         nll, tokens = 0.0, 0.0
-        for batch in env.test_batches():
+        for batch, counted in env.sharded_test_batches():
             logprobs = self.get_logprobs(batch.input_ids, batch.attention_mask)
-            mask = batch.loss_mask.to(self.device)
+            mask = batch.loss_mask.to(self.device) & counted.to(self.device)[:, None]
             nll += float(sft_loss(logprobs, mask, 1.0))
             tokens += float(mask.sum())
-        loss = nll / max(tokens, 1.0)
+        totals = self.dist.sum_floats({"nll": nll, "tokens": tokens})
+        loss = totals["nll"] / max(totals["tokens"], 1.0)
         return {"eval/loss": loss, "eval/perplexity": float(torch.tensor(loss).exp())}
 
     def test(self, env: SFTGym, loop: int = 1) -> torch.Tensor:

@@ -3,7 +3,13 @@
 One ``learn()`` call runs ``update_epochs`` passes over the experience; each pass shuffles the rows and
 cuts them into mini-batches of ``batch_size`` rows; each mini-batch is one optimizer step over gradients
 accumulated across micro-batches of ``micro_batch_size_per_gpu`` rows. Losses are normalised by the
-action tokens of the whole mini-batch (summed over ranks), so accumulation changes nothing numerically.
+action tokens of the whole mini-batch summed over ranks, so accumulation and the number of processes change
+nothing numerically (``agilerl_llm.distributed`` defines the step).
+
+Under several processes every rank takes the same number of optimizer steps: the rank with the most rows sets
+it, and a rank out of rows contributes nothing to a step. Under DeepSpeed every forward and backward is a
+collective, so every rank must hold the same number of rows (``check_equal_rows``). The metrics returned are
+global: the same on every rank, and equal to one process's.
 
 The algorithms keep what differs (advantages, the objective's options, extra losses); the loops here
 are written once.
@@ -18,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from agilerl_llm.algorithms.experience import Experience, micro_batches
+from agilerl_llm.distributed import DEEPSPEED
 from agilerl_llm.losses import grpo_policy_loss
 
 if TYPE_CHECKING:
@@ -30,28 +37,45 @@ def run_update_epochs(
     batch_size: int,
     update_epochs: int,
     optimise_mini_batch: Callable[[torch.Tensor], dict[str, float]],
+    agent: LLMAlgorithm | None = None,
 ) -> dict[str, float]:
     """Shuffled mini-batches for ``update_epochs`` passes; returns each metric averaged over optimizer steps.
 
     ``optimise_mini_batch`` receives the mini-batch's row indices (so per-row tensors kept outside the
-    ``Experience``, such as PPO's old values and returns, are selected alongside it).
+    ``Experience``, such as PPO's old values and returns, are selected alongside it); under several processes
+    (``agent`` given) it may receive no rows, when another rank still has some.
     """
+    global_rows = num_rows
+    if agent is not None:
+        check_equal_rows(agent, num_rows)
+        global_rows = agent.dist.max_int(num_rows)
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(update_epochs):
         order = torch.randperm(num_rows)
-        for start in range(0, num_rows, batch_size):
+        for start in range(0, global_rows, batch_size):
             for key, value in optimise_mini_batch(order[start : start + batch_size]).items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
     return {key: value / steps for key, value in totals.items()}
 
 
+def check_equal_rows(agent: LLMAlgorithm, num_rows: int) -> None:
+    """Under DeepSpeed with several processes, refuse ranks holding different numbers of rows (their forward and
+    backward passes are collectives that would wait on each other forever)."""
+    if agent.dist.backend != DEEPSPEED or agent.dist.world_size == 1:
+        return
+    most, fewest = agent.dist.max_int(num_rows), -agent.dist.max_int(-num_rows)
+    if most != fewest:
+        raise ValueError(
+            f"under DeepSpeed every process must learn from the same number of rows; they hold {fewest} to {most}. "
+            "Give every rank an equal share of the batch (the finetune loops and envs do)."
+        )
+
+
 def token_normaliser(agent: LLMAlgorithm, mini_batch: Experience) -> torch.Tensor:
     """Action tokens in the mini-batch, summed over ranks (at least 1): the loss denominator."""
-    num_tokens = mini_batch.action_mask.sum().float()
-    if agent.accelerator is not None:
-        num_tokens = agent.accelerator.reduce(num_tokens, reduction="sum")
+    num_tokens = agent.dist.all_reduce_sum(mini_batch.action_mask.sum().float())
     return num_tokens.clamp(min=1.0)
 
 
@@ -88,7 +112,8 @@ def policy_gradient_step(
     """One optimizer step of ``grpo_policy_loss`` over the micro-batches of ``mini_batch``.
 
     Returns summed ``loss``, ``kl``, ``clip_fraction``, ``ratio_mean``, ``entropy`` (each already a per-step
-    value, since every micro-batch is normalised by the mini-batch's token count) and ``grad_norm``.
+    value, since every micro-batch is normalised by the global mini-batch's token count, and summed over ranks)
+    and ``grad_norm``.
     """
     normaliser = token_normaliser(agent, mini_batch)
     ratio_low, ratio_high = ratio_bounds
@@ -128,5 +153,6 @@ def policy_gradient_step(
         sums["clip_fraction"] += float(output.clip_fraction)
         sums["ratio_mean"] += float(output.ratio_mean)
         sums["entropy"] += float((entropy.detach() * micro.action_mask).sum() / normaliser)
+    sums = agent.dist.sum_floats(sums)
     sums["grad_norm"] = agent._optimizer_step()
     return sums

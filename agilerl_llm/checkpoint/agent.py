@@ -404,5 +404,8 @@ def _apply_modules(agent: LLMAlgorithm, modules: dict[str, dict[str, torch.Tenso
     live = agent.checkpoint_modules()
     for name, tensors in modules.items():
         module = live[name].module
-        current = module.state_dict()
-        module.load_state_dict({k: v.to(current[k].device, current[k].dtype) for k, v in tensors.items()})
+        with gathered(module.parameters(), modify=True):  # ZeRO-3: write the full tensors, re-partitioned on exit
+            current = module.state_dict()
+            module.load_state_dict({k: v.to(current[k].device, current[k].dtype) for k, v in tensors.items()})
+    if modules:
+        Distribution(agent).refresh_master_weights()

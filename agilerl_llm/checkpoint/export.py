@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from agilerl_llm.checkpoint import files
 from agilerl_llm.checkpoint.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ATTRIBUTES_FILE, CheckpointError
+from agilerl_llm.distributed import is_partitioned
 from agilerl_llm.model.adapters import ACTOR
 
 if TYPE_CHECKING:
@@ -73,12 +74,12 @@ def export_policy(
     accelerator = agent.accelerator
     if accelerator is not None:
         actor = accelerator.unwrap_model(actor)
-    if any(hasattr(p, "ds_id") for p in actor.parameters()):
+    if any(is_partitioned(p) for p in actor.parameters()):
         raise NotImplementedError(
             "export_policy does not gather ZeRO-3 partitioned weights; save a checkpoint "
             "(agent.save_checkpoint(path)) and export it with export_checkpoint / `agilerl-llm checkpoints export`."
         )
-    is_main = accelerator is None or accelerator.is_main_process
+    is_main = agent.dist.is_main
     _check_out_dir(out_dir)
     if is_main:
         merged = _merged_copy(actor, adapter)
@@ -86,8 +87,7 @@ def export_policy(
             _publish_model(merged, out_dir, tokenizer)
         finally:
             del merged
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+    agent.dist.barrier()
     return out_dir
 
 

@@ -7,8 +7,13 @@ Layout under ``CheckpointConfig.path``::
         agent_<i>/                       population member i, the agent grid (lora_only=True, save_optimizer=True)
         rng_state.safetensors            torch CPU (and CUDA) generator states of the main process
         rng_state_rank<r>.safetensors    the same for every other process, when there are several
-        trainer_state.json               step, samples seen, env data position, W&B run id, python/numpy RNG
-                                         states (plain JSON; nothing is pickled). Written last inside the folder.
+        trainer_state.json               step, samples seen, env data position, W&B run id, world size, every
+                                         process's python/numpy RNG states (plain JSON; nothing is pickled).
+                                         Written last inside the folder.
+
+Resuming on the world size a checkpoint was saved with is exact (every rank gets its own RNG states back; the
+data position is global). On another world size the agents, optimizers and data position are restored, but the
+per-process random streams cannot be (they do not map onto a different number of processes): a warning says so.
 
 A step folder is written as the hidden sibling ``.global_step_<N>.incomplete``, every file in it is fsynced, then
 ``trainer_state.json`` is written, and the folder is renamed (``storage.Store.publish``), so a folder named
@@ -207,6 +212,13 @@ class CheckpointManager:
         if self._dist is not None:
             self._dist.wait()
 
+    @property
+    def _world_size(self) -> int:
+        return 1 if self._dist is None else self._dist.world_size
+
+    def _gather(self, value: Any) -> list[Any]:
+        return [value] if self._dist is None else self._dist.dist.gather_objects(value)
+
     # ------------------------------------------------------------------------------------------- finding
     def step_dir(self, step: int) -> Path | str:
         return self._store.location(f"{STEP_PREFIX}{step}")
@@ -392,6 +404,7 @@ class CheckpointManager:
             else:
                 save_agent_checkpoint(agent, staging / f"agent_{i}", lora_only=True, save_optimizer=True)
         rng_tensors, rng_json = capture_rng()
+        rng_per_rank = self._gather(rng_json)  # a collective: every rank's python / numpy states, to the main
         rng_file = RNG_FILE if self._rank == 0 else f"rng_state_rank{self._rank}.safetensors"
         if not (save_async and self._is_main):
             save_file(rng_tensors, str(staging / rng_file))
@@ -408,6 +421,8 @@ class CheckpointManager:
                     "env_state": env.state_dict() if env is not None else None,
                     "wandb_run_id": wandb_run_id,
                     "rng": rng_json,
+                    "world_size": self._world_size,
+                    "rng_per_rank": rng_per_rank,
                     "extra": extra or {},
                 }
             )
@@ -446,7 +461,7 @@ class CheckpointManager:
         self._retain(step)
 
     def _can_snapshot(self, pop: list[LLMAlgorithm]) -> bool:
-        if all(agent._deepspeed_engine() is None for agent in pop):
+        if all(agent.engine is None for agent in pop):
             return True
         warnings.warn(
             "save_async: a DeepSpeed engine writes its checkpoint collectively; saving synchronously instead.",
@@ -542,10 +557,23 @@ class CheckpointManager:
                 agent.index = int(indices[i])
         if env is not None and state.get("env_state") is not None:
             env.load_state_dict(state["env_state"])
+        saved_world = int(state.get("world_size", 1))
+        same_world = saved_world == self._world_size
         rng_file = folder / (RNG_FILE if self._rank == 0 else f"rng_state_rank{self._rank}.safetensors")
-        if not rng_file.is_file():
-            rng_file = folder / RNG_FILE  # resumed with more processes than saved: fall back to the main's
-        restore_rng(load_file(str(rng_file)), state["rng"])
+        if not same_world or not rng_file.is_file():
+            rng_file = folder / RNG_FILE  # another world size: every rank starts from the main's streams
+        per_rank = state.get("rng_per_rank")
+        plain = per_rank[self._rank] if same_world and per_rank and self._rank < len(per_rank) else state["rng"]
+        restore_rng(load_file(str(rng_file)), plain)
+        if not same_world and self._is_main:
+            warnings.warn(
+                f"{folder} was saved by {saved_world} process(es) and is resumed by {self._world_size}: the agents, "
+                "optimizer and LR-schedule state and the data position are restored, but the per-process random "
+                "streams cannot be mapped onto another number of processes, so sampling (and anything random) differs "
+                "from an uninterrupted run. Resume on the same world size for an exact continuation.",
+                UserWarning,
+                stacklevel=3,
+            )
         return state
 
     @staticmethod

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from agilerl_llm.checkpoint import files
+from agilerl_llm.distributed import is_partitioned
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -121,7 +122,7 @@ def adapter_weights_fast(
             order = cached[2]
         cached = (named, frozenset(lora), order, [p for _, _, n in order for p in (lora[n],)])
         _ADAPTER_KEYS[agent.actor] = cached
-    if any(hasattr(p, "ds_id") for p in cached[3]):
+    if any(is_partitioned(p) for p in cached[3]):
         return None
     reuse = reuse or {}
     own = copier is None
@@ -136,7 +137,7 @@ def adapter_weights_fast(
 
 def _adapter_order(agent: LLMAlgorithm, lora: dict[str, torch.nn.Parameter]) -> list[tuple[str, str, str]] | None:
     """[(adapter, PEFT key, parameter name)] in PEFT's state-dict order; None when a key is not a plain parameter."""
-    if any(hasattr(p, "ds_id") for p in lora.values()):
+    if any(is_partitioned(p) for p in lora.values()):
         return None
     by_storage = {(p.data_ptr(), tuple(p.shape), p.stride()): n for n, p in lora.items()}
     order = []

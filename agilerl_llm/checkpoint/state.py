@@ -20,8 +20,7 @@ import hashlib
 import json
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ import torch
 
 from agilerl_llm.checkpoint import files
 from agilerl_llm.checkpoint.files import ATTRIBUTES_FILE, FORMAT_VERSION, MODULES_DIR, CheckpointError
+from agilerl_llm.distributed import gathered, is_partitioned
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -70,42 +70,32 @@ class AgentState:
 
 # ---------------------------------------------------------------------------------------------- distribution
 class Distribution:
-    """Which process writes, how to wait for the others, and the DeepSpeed engine (None without DeepSpeed)."""
+    """What the checkpoint code needs of an agent's ``Distributed`` (distributed.py): which process writes, how
+    to wait for the others, and the DeepSpeed engine (None without DeepSpeed)."""
 
     def __init__(self, agent: LLMAlgorithm) -> None:
+        self.dist = agent.dist
         self.accelerator = agent.accelerator
-        self.engine = agent._deepspeed_engine()
+        self.engine = agent.engine
 
     @property
     def is_main(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
+        return self.dist.is_main
 
     @property
     def rank(self) -> int:
-        return 0 if self.accelerator is None else int(self.accelerator.process_index)
+        return self.dist.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
 
     def wait(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+        self.dist.barrier()
 
     def refresh_master_weights(self) -> None:
         """After writing parameters directly, copy them into ZeRO's fp32 master partitions too."""
-        optimizer = getattr(self.engine, "optimizer", None)
-        if hasattr(optimizer, "refresh_fp32_params"):
-            optimizer.refresh_fp32_params()
-
-
-@contextmanager
-def gathered(parameters: Iterable[torch.nn.Parameter], modify: bool = False) -> Iterator[None]:
-    """Full parameters inside the block under ZeRO-3 (re-partitioned on exit, with rank 0's edits); a no-op otherwise."""
-    parameters = list(parameters)
-    if not any(hasattr(p, "ds_id") for p in parameters):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=0 if modify else None):
-        yield
+        self.dist.refresh_master_weights(self.engine)
 
 
 def lora_parameters(agent: LLMAlgorithm) -> list[torch.nn.Parameter]:
@@ -149,10 +139,10 @@ def capture_state(
             adapters = _adapter_weights(agent)
             if to_host:
                 adapters = {name: {k: v.to("cpu") for k, v in weights.items()} for name, weights in adapters.items()}
-    modules = {
-        name: {k: v.detach() for k, v in spec.module.state_dict().items()}
-        for name, spec in agent.checkpoint_modules().items()
-    }
+    modules = {}
+    for name, spec in agent.checkpoint_modules().items():
+        with gathered(spec.module.parameters()):  # ZeRO-3 partitions the value head too
+            modules[name] = {k: v.detach().clone() for k, v in spec.module.state_dict().items()}
     if to_host:
         payload = host_copy(payload, reuse.payload if reuse is not None else None, copier)
         modules = host_copy(modules, reuse.modules if reuse is not None else None, copier)
@@ -250,7 +240,10 @@ def base_shapes(agent: LLMAlgorithm, named: dict[str, torch.nn.Parameter] | None
         cached = (named, base)
         if named is not None:
             _BASE_PARAMETERS[agent.actor] = cached
-    return {plain: list(getattr(parameter, "ds_shape", parameter.shape)) for plain, parameter in cached[1]}
+    return {
+        plain: list(parameter.ds_shape if is_partitioned(parameter) else parameter.shape)
+        for plain, parameter in cached[1]
+    }
 
 
 def check_base_shapes(saved: dict[str, list[int]], agent: LLMAlgorithm) -> None:
@@ -291,7 +284,8 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     candidates = sorted(
         (name, parameter)
         for name, parameter in _base_parameters(model.named_parameters())
-        if parameter.is_floating_point() and getattr(parameter, "ds_numel", parameter.numel()) > 0
+        if parameter.is_floating_point()
+        and (parameter.ds_numel if is_partitioned(parameter) else parameter.numel()) > 0
     )
     if not candidates:
         return ""

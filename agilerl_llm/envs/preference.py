@@ -63,6 +63,7 @@ class PreferenceGym(DatasetServer[PreferenceBatch]):
         data_batch_size_per_gpu: pairs per batch.
         system_prompt: an optional system message placed before each prompt.
         seed: seeds the training order.
+        accelerator: shard the data over its processes (``shard``); the finetune loops do this themselves.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class PreferenceGym(DatasetServer[PreferenceBatch]):
         data_batch_size_per_gpu: int = 8,
         system_prompt: str | None = None,
         seed: int = 0,
+        accelerator: Any | None = None,
     ) -> None:
         check_tokenizer(tokenizer)
         for name, dataset in (("train_dataset", train_dataset), ("test_dataset", test_dataset)):
@@ -80,7 +82,9 @@ class PreferenceGym(DatasetServer[PreferenceBatch]):
                 raise ValueError(f"{name} samples lack the field(s) {sorted(missing)}; need {list(PREFERENCE_KEYS)}.")
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
-        super().__init__(train_dataset, test_dataset, self.render_samples, data_batch_size_per_gpu, seed)
+        super().__init__(
+            train_dataset, test_dataset, self.render_samples, data_batch_size_per_gpu, seed, accelerator=accelerator
+        )
 
     def render_samples(self, samples: list[dict[str, Any]]) -> PreferenceBatch:
         """Tokenize pairs into one ``PreferenceBatch`` (chosen and rejected padded to the same width)."""

@@ -8,10 +8,15 @@ that raises or returns a non-finite value stops the run with an error naming the
 The training split is served in a seeded random order, a fresh permutation per epoch; the position in
 that order is part of ``state_dict`` so a resumed run continues with exactly the next batch. The
 held-out split is served in order inside ``eval_mode()``.
+
+Under several processes (``shard``, done by the finetune loops) each rank serves its own slice of every global
+batch and its own share of the held-out split (``envs/sharding.py``); a group of completions never leaves the
+rank that sampled it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agilerl_llm.envs.sharding import check_shard, held_out_shard, next_global_batch, rank_slice
 from agilerl_llm.rollout.base import ActionResult
 
 RewardFn = Callable[[str, Any, str], float]
@@ -40,6 +46,8 @@ class PromptBatch:
         texts: the rendered prompt strings (chat template applied).
         questions: the raw questions.
         answers: the reference answers, passed to the reward function.
+        sample_ids: held-out batches: each row's index in the test split (``sharding.PADDING`` for a padded
+            row that must not be counted); empty for training batches.
     """
 
     input_ids: torch.Tensor
@@ -47,6 +55,7 @@ class PromptBatch:
     texts: list[str]
     questions: list[str]
     answers: list[Any]
+    sample_ids: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -64,6 +73,7 @@ class ReasoningGym:
         system_prompt: an optional system message placed before each question.
         seed: seeds the order in which training samples are served.
         question_key, answer_key: the sample fields to read.
+        accelerator: shard the data over its processes (``shard``); the finetune loops do this themselves.
     """
 
     def __init__(
@@ -77,6 +87,7 @@ class ReasoningGym:
         seed: int = 0,
         question_key: str = "question",
         answer_key: str = "answer",
+        accelerator: Any | None = None,
     ) -> None:
         if data_batch_size_per_gpu < 1:
             raise ValueError(f"data_batch_size_per_gpu must be >= 1, got {data_batch_size_per_gpu}.")
@@ -101,6 +112,14 @@ class ReasoningGym:
         self._evaluating = False
         self._test_cursor = 0
         self._current: PromptBatch | None = None
+        self.rank, self.world_size = 0, 1
+        if accelerator is not None:
+            self.shard(int(accelerator.process_index), int(accelerator.num_processes))
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Serve rank ``rank``'s share of the data out of ``world_size`` processes (``envs/sharding.py``)."""
+        check_shard(rank, world_size)
+        self.rank, self.world_size = rank, world_size
 
     # ----------------------------------------------------------------------------------------- serving
     def reset(self, reset_dataloaders: bool = False) -> PromptBatch:
@@ -169,25 +188,17 @@ class ReasoningGym:
 
     def _next_batch(self) -> PromptBatch | None:
         if self._evaluating:
-            if self._test_cursor >= len(self.test_dataset):
+            shard = held_out_shard(len(self.test_dataset), self.rank, self.world_size)
+            if self._test_cursor >= len(shard):
                 return None
-            indices = list(
-                range(self._test_cursor, min(self._test_cursor + self.data_batch_size_per_gpu, len(self.test_dataset)))
-            )
-            self._test_cursor += len(indices)
-            return self.render([self.test_dataset[i] for i in indices])
-        indices = []
-        while len(indices) < self.data_batch_size_per_gpu:
-            order = self._order(self.epoch)
-            take = order[self.cursor : self.cursor + self.data_batch_size_per_gpu - len(indices)]
-            indices.extend(int(i) for i in take)
-            self.cursor += len(take)
-            if self.cursor >= len(order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-        return self.render([self.train_dataset[i] for i in indices])
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train_dataset))
+            ids = shard[self._test_cursor : self._test_cursor + self.data_batch_size_per_gpu]
+            self._test_cursor += len(ids)
+            batch = self.render([self.test_dataset[max(i, 0)] for i in ids])  # padding repeats sample 0
+            return dataclasses.replace(batch, sample_ids=tuple(ids))
+        indices, self.epoch, self.cursor = next_global_batch(
+            self.seed, self.epoch, self.cursor, len(self.train_dataset), self.data_batch_size_per_gpu * self.world_size
+        )
+        return self.render([self.train_dataset[i] for i in rank_slice(indices, self.rank, self.world_size)])
 
     def render(self, samples: Sequence[dict[str, Any]]) -> PromptBatch:
         """Apply the chat template to samples and tokenize them as one left-padded batch."""

@@ -10,7 +10,9 @@ Tokenization is segment by segment: each render of ``messages[:k]`` must be a pr
 way an RL rollout sees the prompt and then the generated tokens.
 
 ``DatasetServer`` serves batches in a seeded random order (a fresh permutation per epoch) and the held-out
-split in order; its position is in ``state_dict`` so a resumed run continues with the next batch.
+split in order; its position is in ``state_dict`` so a resumed run continues with the next batch. Under several
+processes (``shard``) each rank serves its slice of every global batch and its share of the held-out split
+(``envs/sharding.py``).
 
 Notation: N rows, S tokens per row (right-padded), T = S - 1 next-token positions.
 """
@@ -21,8 +23,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import numpy as np
 import torch
+
+from agilerl_llm.envs.sharding import PADDING, check_shard, held_out_shard, next_global_batch, rank_slice
 
 Batch = TypeVar("Batch")
 Message = dict[str, str]
@@ -119,8 +122,9 @@ class DatasetServer(Generic[Batch]):
     Args:
         train_dataset, test_dataset: sequences of samples (a ``datasets.Dataset`` or a list of dicts).
         render: turns a list of samples into a batch.
-        data_batch_size_per_gpu: samples per batch.
+        data_batch_size_per_gpu: samples per batch (per process).
         seed: seeds the training order (a fresh permutation per epoch).
+        accelerator: shard the data over its processes (``shard``); the finetune loops do this themselves.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class DatasetServer(Generic[Batch]):
         render: Callable[[list[dict[str, Any]]], Batch],
         data_batch_size_per_gpu: int,
         seed: int,
+        accelerator: Any | None = None,
     ) -> None:
         if data_batch_size_per_gpu < 1:
             raise ValueError(f"data_batch_size_per_gpu must be >= 1, got {data_batch_size_per_gpu}.")
@@ -141,6 +146,14 @@ class DatasetServer(Generic[Batch]):
         self.data_batch_size_per_gpu = data_batch_size_per_gpu
         self.seed = seed
         self.epoch, self.cursor = 0, 0
+        self.rank, self.world_size = 0, 1
+        if accelerator is not None:
+            self.shard(int(accelerator.process_index), int(accelerator.num_processes))
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Serve rank ``rank``'s share of the data out of ``world_size`` processes (``envs/sharding.py``)."""
+        check_shard(rank, world_size)
+        self.rank, self.world_size = rank, world_size
 
     def reset(self, reset_dataloaders: bool = False) -> Batch:
         """The next training batch (from the start of the first epoch with ``reset_dataloaders``)."""
@@ -149,22 +162,26 @@ class DatasetServer(Generic[Batch]):
         return self.advance()
 
     def advance(self) -> Batch:
-        """The next training batch; epochs roll over seamlessly."""
-        indices: list[int] = []
-        while len(indices) < self.data_batch_size_per_gpu:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.train_dataset))
-            take = order[self.cursor : self.cursor + self.data_batch_size_per_gpu - len(indices)]
-            indices.extend(int(i) for i in take)
-            self.cursor += len(take)
-            if self.cursor >= len(order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-        return self.render([self.train_dataset[i] for i in indices])
+        """The next training batch (this rank's slice of the global batch); epochs roll over seamlessly."""
+        indices, self.epoch, self.cursor = next_global_batch(
+            self.seed, self.epoch, self.cursor, len(self.train_dataset), self.data_batch_size_per_gpu * self.world_size
+        )
+        return self.render([self.train_dataset[i] for i in rank_slice(indices, self.rank, self.world_size)])
 
     def test_batches(self) -> Iterator[Batch]:
-        """The whole held-out split, in order, in batches of ``data_batch_size_per_gpu``."""
+        """The whole held-out split, in order, in batches of ``data_batch_size_per_gpu`` (every rank: all of it)."""
         for start in range(0, len(self.test_dataset), self.data_batch_size_per_gpu):
             stop = min(start + self.data_batch_size_per_gpu, len(self.test_dataset))
             yield self.render([self.test_dataset[i] for i in range(start, stop)])
+
+    def sharded_test_batches(self) -> Iterator[tuple[Batch, torch.Tensor]]:
+        """This rank's share of the held-out split: ``(batch, counted)`` pairs, ``counted`` a (rows,) bool tensor
+        that is False on padded rows. Every rank yields the same number of batches of the same sizes."""
+        shard = held_out_shard(len(self.test_dataset), self.rank, self.world_size)
+        for start in range(0, len(shard), self.data_batch_size_per_gpu):
+            ids = shard[start : start + self.data_batch_size_per_gpu]
+            batch = self.render([self.test_dataset[max(i, 0)] for i in ids])  # padding repeats sample 0
+            yield batch, torch.tensor([i != PADDING for i in ids], dtype=torch.bool)
 
     @property
     def num_test_samples(self) -> int:
@@ -196,6 +213,7 @@ class SFTGym(DatasetServer[SupervisedBatch]):
         data_batch_size_per_gpu: samples per batch.
         system_prompt: a system message placed first in conversations that have none.
         seed: seeds the training order.
+        accelerator: shard the data over its processes (``shard``); the finetune loops do this themselves.
     """
 
     def __init__(
@@ -206,11 +224,14 @@ class SFTGym(DatasetServer[SupervisedBatch]):
         data_batch_size_per_gpu: int = 8,
         system_prompt: str | None = None,
         seed: int = 0,
+        accelerator: Any | None = None,
     ) -> None:
         check_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
-        super().__init__(train_dataset, test_dataset, self.render_samples, data_batch_size_per_gpu, seed)
+        super().__init__(
+            train_dataset, test_dataset, self.render_samples, data_batch_size_per_gpu, seed, accelerator=accelerator
+        )
         self.render_samples([train_dataset[0]])  # fail here, not mid-run, on a malformed sample
 
     def render_samples(self, samples: list[dict[str, Any]]) -> SupervisedBatch:

@@ -36,12 +36,17 @@ class HiddenStatesModel(nn.Module):
         peft_model: the adapter-carrying causal LM.
         calc_position_embeddings: pass explicit position ids derived from the attention mask (needed for
             left-padded batches to match what ``generate`` computed).
+        value_head: PPO's value head, kept inside this module so the accelerator wraps (and DeepSpeed's engine
+            trains) it together with the adapters; ``forward(..., values=True)`` applies it.
     """
 
-    def __init__(self, peft_model: PeftModel, calc_position_embeddings: bool = True) -> None:
+    def __init__(
+        self, peft_model: PeftModel, calc_position_embeddings: bool = True, value_head: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.peft_model = peft_model
         self.calc_position_embeddings = calc_position_embeddings
+        self.value_head = value_head
         _check_output_head(self.causal_lm)
 
     @property
@@ -60,12 +65,19 @@ class HiddenStatesModel(nn.Module):
         head = self.causal_lm.get_output_embeddings()
         return head.weight, head.bias
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: bool = False) -> torch.Tensor:
+        """(B, S) ids -> (B, S, H) final hidden states, or with ``values`` (B, S-1) values of the value head
+        (position t valuing the prefix up to token t)."""
         position_ids = position_ids_from_mask(attention_mask) if self.calc_position_embeddings else None
         outputs = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
-        return outputs.last_hidden_state
+        hidden = outputs.last_hidden_state
+        if not values:
+            return hidden
+        if self.value_head is None:
+            raise ValueError("values=True needs a value head (only PPO's training forward has one).")
+        return self.value_head(hidden[:, :-1])
 
 
 def _check_output_head(causal_lm: nn.Module) -> None:

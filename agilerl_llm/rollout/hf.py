@@ -112,6 +112,7 @@ def generate_completions(
     pad_token_id: int,
     eos_token_ids: list[int],
     chunk_size: int | None = None,
+    synced_gpus: bool = False,
 ) -> ActionResult:
     """Sample ``num_completions`` completions per prompt with ``model.generate``.
 
@@ -121,6 +122,8 @@ def generate_completions(
         prompt_mask: (B, P) real prompt tokens.
         num_completions: G, completions per prompt; rows of a group are contiguous in the result.
         chunk_size: prompts per ``generate`` call; None generates all prompts at once.
+        synced_gpus: keep generating until every process is done (ZeRO-3: each forward gathers the layers from
+            all ranks, so no rank may stop early).
 
     Returns:
         An ``ActionResult`` with N = B * G rows.
@@ -148,6 +151,7 @@ def generate_completions(
             attention_mask=chunk_mask.repeat_interleave(num_completions, dim=0).long(),
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_ids,
+            synced_gpus=synced_gpus,
             **({"past_key_values": cache} if cache is not None else {}),
             **kwargs,
         )

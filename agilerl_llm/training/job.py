@@ -4,6 +4,11 @@
 the disk through ``save_pretrained`` / ``from_pretrained``, as a user's own checkpoint would: the tiny
 base (built in code, or warm-started) is written to ``<output_dir>/base`` and the RL agent loads it from
 there.
+
+Under ``accelerate launch`` (several processes) the job builds the accelerator itself
+(``agilerl_llm.make_accelerator``: DDP-style data parallel, or DeepSpeed when the launch config says so): the
+main process prepares the base model and writes the files, the others wait and load it, and every process trains
+its share of each batch (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.grpo import CISPO, GRPO, GSPO
 from agilerl_llm.checkpoint.run import CheckpointManager
+from agilerl_llm.distributed import Distributed, launched_world_size, make_accelerator
 from agilerl_llm.envs.reasoning import ReasoningGym
 from agilerl_llm.envs.tasks import get_task
 from agilerl_llm.evolution import HyperparameterConfig, Mutations, RLParameter, TournamentSelection
@@ -51,6 +57,8 @@ class JobResult:
     seconds: float
     # The final population (one agent without evolution), fittest first by its last held-out evaluation.
     population: list[LLMAlgorithm] = field(default_factory=list)
+    # False on every process but the main one of a multi-process launch (which alone reports).
+    is_main: bool = True
 
 
 def seed_everything(seed: int) -> None:
@@ -107,7 +115,9 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system_prom
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def build_population(config: RunConfig, base_dir: Path, tokenizer: PreTrainedTokenizerBase) -> list[GRPO]:
+def build_population(
+    config: RunConfig, base_dir: Path, tokenizer: PreTrainedTokenizerBase, accelerator: Any | None = None
+) -> list[GRPO]:
     """The configured algorithm on a freshly loaded base: one agent, or with ``evolution`` a population whose
     members share that one base (each with its own adapters and optimizer). Unknown parameters name the field."""
     cls = ALGORITHMS[config.algorithm.name]
@@ -121,7 +131,7 @@ def build_population(config: RunConfig, base_dir: Path, tokenizer: PreTrainedTok
                 f"algorithm.params.{key} is not a settable argument of {cls.__name__}; "
                 "see the algorithm's docstring for the accepted names."
             )
-    params = {"seed": config.model.seed} | config.algorithm.params
+    params = {"seed": config.model.seed, "accelerator": accelerator} | config.algorithm.params
     if isinstance(params.get("cosine_lr_schedule_config"), dict):
         try:
             params["cosine_lr_schedule_config"] = CosineLRScheduleConfig(**params["cosine_lr_schedule_config"])
@@ -178,8 +188,11 @@ def evolution_arguments(settings: EvolutionSettings | None) -> dict[str, Any]:
     }
 
 
-def make_logger(config: RunConfig) -> MetricsLogger:
-    """The configured metrics sinks; a resumed run continues the W&B run its checkpoint recorded."""
+def make_logger(config: RunConfig, is_main: bool = True) -> MetricsLogger:
+    """The configured metrics sinks; a resumed run continues the W&B run its checkpoint recorded. Processes other
+    than the main one get a silent logger (no TensorBoard files, no W&B run)."""
+    if not is_main:
+        return MetricsLogger(print_every=0)
     wandb_kwargs = None
     if config.logging.wandb_project is not None:
         wandb_kwargs = {"project": config.logging.wandb_project}
@@ -200,11 +213,17 @@ def run_reasoning_job(config: RunConfig) -> JobResult:
     started = time.perf_counter()
     if config.training.num_threads is not None:
         torch.set_num_threads(config.training.num_threads)
+    accelerator = make_accelerator() if launched_world_size() > 1 else None
+    dist = Distributed(accelerator)
     seed_everything(config.model.seed)
-    write_resolved_config(config)
     task = get_task(config.task.name)
     train, test = task.make_dataset(config.task.num_train, config.task.num_test, config.task.seed)
-    base_dir = prepare_base_model(config, train, task.system_prompt)
+    if dist.is_main:  # one process writes the files; the others load what it wrote
+        write_resolved_config(config)
+        base_dir = prepare_base_model(config, train, task.system_prompt)
+    dist.barrier()
+    base_dir = Path(dist.gather_objects(str(base_dir) if dist.is_main else None)[0])
+    seed_everything(config.model.seed)  # every rank continues from the same generator states
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     env = ReasoningGym(
         train,
@@ -214,10 +233,11 @@ def run_reasoning_job(config: RunConfig) -> JobResult:
         data_batch_size_per_gpu=config.training.data_batch_size_per_gpu,
         system_prompt=task.system_prompt,
         seed=config.task.seed,
+        accelerator=accelerator,
     )
-    pop = build_population(config, base_dir, tokenizer)
+    pop = build_population(config, base_dir, tokenizer, accelerator)
     exact_before = _exact_match_rate(pop[0], env)
-    logger = make_logger(config)
+    logger = make_logger(config, dist.is_main)
     pop, history = finetune_llm_reasoning(
         pop,
         env,
@@ -241,6 +261,7 @@ def run_reasoning_job(config: RunConfig) -> JobResult:
         base_model_dir=base_dir,
         seconds=time.perf_counter() - started,
         population=pop,
+        is_main=dist.is_main,
     )
 
 

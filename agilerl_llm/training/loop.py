@@ -14,6 +14,11 @@ One step of the loop, in this order:
 
 The reasoning loop (RL, ``training/reasoning.py``) and the offline loop (SFT and DPO, ``training/sft.py``)
 differ only in ``train_step`` and ``evaluate``.
+
+Under several processes (``accelerate launch``) every rank runs this loop over the whole population: the env is
+sharded so each rank learns from its own slice of every batch, evaluations are reduced so every rank holds the
+same fitness, and selection and mutation (seeded alike) make the same choices on every rank, which is checked
+after each generation. Metrics are reduced across ranks; only the main process logs, shows progress and writes.
 """
 
 from __future__ import annotations
@@ -113,7 +118,16 @@ def run_population_loop(
     """
     check_loop_arguments(pop, max_steps, evaluation_interval)
     evolution = Evolution.from_arguments(evo_steps, tournament, mutation, pop)
-    logger = logger or MetricsLogger()
+    dist = pop[0].dist
+    if hasattr(env, "shard"):
+        env.shard(dist.rank, dist.world_size)
+    elif dist.world_size > 1:
+        raise ValueError(
+            f"{type(env).__name__} has no shard(rank, world_size): under {dist.world_size} processes every rank "
+            "would learn from the same data. Give the env a shard method (see agilerl_llm.envs.sharding)."
+        )
+    progress = progress and dist.is_main
+    logger = logger or MetricsLogger(print_every=1 if dist.is_main else 0)
     history: list[dict[str, float]] = []
     manager = CheckpointManager(checkpoint, dist_agent=pop[0]) if checkpoint is not None else None
     resumed = manager.restore(pop, env) if manager is not None else None
@@ -128,7 +142,7 @@ def run_population_loop(
         evolution.load_state_dict(saved)
     if resumed is None and evaluate_at_start:
         for agent in pop:
-            _record(history, logger, 0, agent, evaluate(agent))
+            _record(history, logger, 0, agent, evaluate(agent), dist)
     # A resumed env already stands after the last batch it served: continue with the next one.
     batch = env.advance() if resumed is not None else env.reset(reset_dataloaders=True)
     try:
@@ -136,15 +150,16 @@ def run_population_loop(
             evolve = evolution is not None and evolution.due(step, max_steps)
             evaluating = step % evaluation_interval == 0 or step == max_steps or evolve
             for agent in pop:
-                metrics = train_step(agent, batch)
+                metrics = dist.mean_floats(train_step(agent, batch))  # learn() metrics are global already
                 if evaluating:
                     metrics |= evaluate(agent)
-                _record(history, logger, step, agent, metrics)
-            samples_seen += _batch_size(batch)
+                _record(history, logger, step, agent, metrics, dist)
+            samples_seen += _batch_size(batch) * dist.world_size
             if evolve:
-                if progress or logger.print_every:
+                if dist.is_main and (progress or logger.print_every):
                     tqdm.write(f"generation at step {step}:\n{fitness_table(pop)}")
                 pop = evolution.evolve(pop)
+                check_same_population(pop, dist)
             if manager is not None and manager.should_save(step, max_steps):
                 extra = {} if evolution is None else {EVOLUTION_STATE_KEY: evolution.state_dict()}
                 run_id = getattr(logger, "wandb_run_id", None)
@@ -174,11 +189,29 @@ def check_loop_arguments(pop: list[Any], max_steps: int, evaluation_interval: in
 
 
 def _record(
-    history: list[dict[str, float]], logger: MetricsLogger, step: int, agent: Any, metrics: dict[str, float]
+    history: list[dict[str, float]],
+    logger: MetricsLogger,
+    step: int,
+    agent: Any,
+    metrics: dict[str, float],
+    dist: Any,
 ) -> None:
     row = {"step": float(step), "agent": float(agent.index)} | hyperparameters(agent) | metrics
     history.append(row)
-    logger.log(step, {key: value for key, value in row.items() if key != "step"})
+    if dist.is_main:  # every rank keeps the (identical) history; one writes it out
+        logger.log(step, {key: value for key, value in row.items() if key != "step"})
+
+
+def check_same_population(pop: list[Any], dist: Any) -> None:
+    """After a generation, every rank must hold the same members (indices and hyperparameters); selection and
+    mutation are seeded alike and read the same fitness, so a difference is a bug that would silently train
+    different populations on different ranks."""
+    if dist.world_size == 1:
+        return
+    mine = [(int(agent.index), sorted(hyperparameters(agent).items())) for agent in pop]
+    ranks = dist.gather_objects(mine)
+    if any(other != ranks[0] for other in ranks):
+        raise RuntimeError(f"the ranks' populations diverged after evolution: {ranks}")
 
 
 def hyperparameters(agent: Any) -> dict[str, float]:
@@ -226,11 +259,10 @@ def export_fittest(pop: list[Any], checkpoint: CheckpointConfig, step: int, toke
     store = Store(checkpoint.export_path, checkpoint.storage_options)
     folder = f"global_step_{step}/policy"
     staging = store.staging_dir(folder)
-    is_main = best.accelerator is None or best.accelerator.is_main_process
+    is_main = best.dist.is_main
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)  # what a crashed export left
-    if best.accelerator is not None:
-        best.accelerator.wait_for_everyone()
+    best.dist.barrier()
     try:
         export_policy(best, staging, tokenizer)  # every rank calls it; the main process writes
         if is_main:  # config.json (what loaders open first) is the marker: stored last

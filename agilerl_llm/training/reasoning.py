@@ -84,11 +84,12 @@ def _train_step(agent: LLMAlgorithm, env: ReasoningGym, prompts: Any) -> dict[st
     generated = time.perf_counter()
     metrics = agent.learn((result.completion_ids, result.action_masks, rewards, result.attention_mask))
     finished = time.perf_counter()
-    tokens = int(result.attention_mask.sum())
+    tokens = agent.dist.sum_floats({"tokens": float(result.attention_mask.sum())})["tokens"]  # all ranks'
+    all_rewards = agent.dist.gather_rows(rewards.flatten())  # the global batch's rewards
     critic = {"loss/value": metrics["value_loss"]} if "value_loss" in metrics else {}  # PPO's critic
     return critic | {
-        "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "reward/mean": float(all_rewards.mean()),
+        "reward/std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
         "loss/policy": metrics["mean_loss"],
         "loss/kl": metrics["mean_kl"],
         "policy/clip_fraction": metrics.get("clip_fraction", 0.0),
