@@ -74,7 +74,11 @@ class Experience:
                 ids, action_mask, attention_mask = ids.completion_ids, ids.action_masks, ids.attention_mask
             if isinstance(ids, (list, tuple)):
                 raise ValueError("completion_ids must be one stacked (N, S) tensor, as get_action returns it.")
-            rewards = torch.as_tensor(rewards, dtype=torch.float32)
+            rewards = torch.as_tensor(rewards)
+            # float32 at least; float64 rewards stay float64 (the advantages follow their dtype)
+            rewards = rewards.to(
+                torch.promote_types(rewards.dtype, torch.float32) if rewards.is_floating_point() else torch.float32
+            )
             rows = ids.shape[0]
             rewards = rewards.reshape(rows) if rewards.numel() == rows else rewards.reshape(rows, -1)
             if attention_mask is None:
