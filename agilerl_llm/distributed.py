@@ -280,6 +280,12 @@ class Distributed:
         for key, value in ours.items():
             if config.get(key, "auto") == "auto":
                 config[key] = value
+        clipping = config["gradient_clipping"]
+        if float(clipping or 0.0) != float(max_grad_norm or 0.0):
+            raise ValueError(
+                f"the DeepSpeed config sets gradient_clipping={clipping} but the agent's max_grad_norm is "
+                f"{max_grad_norm}; set gradient_clipping to 'auto' (the agent's value is used) or make them agree."
+            )
         if config["gradient_accumulation_steps"] != 1:
             raise ValueError(
                 f"the DeepSpeed config sets gradient_accumulation_steps={config['gradient_accumulation_steps']}; "

@@ -152,3 +152,107 @@ def test_a_population_evolves_identically_on_both_ranks(runs):
     assert len(members) == 2 and members[0] == members[1]
     indices = [member[0] for member in members[0]]
     assert max(indices) > 1  # selection made new members (clones get fresh indices)
+
+
+# ---------------------------------------------------------------------------------------------- crash and resume
+RESUME_WORKER = Path(__file__).parent / "distributed" / "resume_worker.py"
+
+
+def start_resume_worker(mode: str, model_dir: Path, ckpt: Path, out: Path, processes: int = 2) -> subprocess.Popen:
+    """resume_worker.py under torch.distributed.run (2 processes) or plainly; its own session, so a SIGKILL to the
+    group takes the launcher and every rank down at once, as a machine failure would."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, str(RESUME_WORKER), mode, str(model_dir), str(ckpt), str(out), "6", "3", "grpo"]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+                        "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def kill_everything_running(marker: str) -> None:
+    """SIGKILL every process whose command line holds ``marker`` (torchrun starts its ranks in their own process
+    groups, so killing the launcher's group would leave them running)."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in command:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    _, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr[-4000:]
+    return stderr
+
+
+def test_sigkill_of_a_two_process_run_then_resume_is_bitwise_exact(tiny_model_dir, tmp_path):
+    """Kill -9 every process of a 2-process GRPO run inside step 4 (step 3's checkpoint complete), resume with 2
+    fresh processes: the same per-step metrics and bitwise-equal adapters on both ranks as an uninterrupted
+    2-process run. Resuming the same checkpoint in 1 process loads it and warns what cannot be exact."""
+    import shutil
+    import time
+
+    from agilerl_llm.checkpoint.run import POINTER_FILE
+
+    full = start_resume_worker("full", tiny_model_dir, tmp_path / "ck_full", tmp_path / "full")
+    finish(full)
+    crash = start_resume_worker("crash", tiny_model_dir, tmp_path / "ck", tmp_path / "crash")
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "crash" / "ready").exists():  # rank 0 is inside step 4; step 3 is on disk
+        assert crash.poll() is None, crash.stderr.read()[-4000:]
+        assert time.monotonic() < deadline, "the crash run never reached step 4"
+        time.sleep(0.2)
+    kill_everything_running(str(tmp_path / "crash"))  # the launcher and both ranks, at once
+    crash.wait(timeout=60)
+    assert (tmp_path / "ck" / POINTER_FILE).read_text().strip() == "3"
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck_one_process")
+    finish(start_resume_worker("resume", tiny_model_dir, tmp_path / "ck", tmp_path / "resume"))
+
+    uninterrupted = json.loads((tmp_path / "full" / "history.json").read_text())
+    resumed = json.loads((tmp_path / "resume" / "history.json").read_text())
+    assert [row["step"] for row in resumed] == [4.0, 5.0, 6.0]
+    assert resumed == uninterrupted[3:]  # exactly equal floats
+    expected = load_file(str(tmp_path / "full" / "adapters.safetensors"))
+    for name in ("adapters.safetensors", "adapters_rank1.safetensors"):
+        actual = load_file(str(tmp_path / "resume" / name))
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(actual[key], tensor) for key, tensor in expected.items()), name
+    print("\n2 processes, SIGKILL inside step 4, resumed: step | loss/policy uninterrupted | loss/policy resumed")
+    for before, after in zip(uninterrupted[3:], resumed, strict=True):
+        print(f"{int(after['step']):>4} | {before['loss/policy']:>26.10f} | {after['loss/policy']:>19.10f}")
+
+    stderr = finish(start_resume_worker("resume", tiny_model_dir, tmp_path / "ck_one_process", tmp_path / "one", 1))
+    assert "saved by 2 process(es) and is resumed by 1" in stderr
+    assert [row["step"] for row in json.loads((tmp_path / "one" / "history.json").read_text())] == [4.0, 5.0, 6.0]
+
+
+def test_the_cli_under_accelerate_launch_with_the_ddp_config(tiny_model_dir, tmp_path):
+    """The README's launch command on 2 CPU processes: one report, one progress bar's worth of logs, files from
+    the main process only, and a run that trains."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("WORLD_SIZE", None)
+    root = Path(__file__).parents[1]
+    overrides = [f"output_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", "warm_start.steps=0",
+                 "training.max_steps=3", "task.num_train=40", "task.num_test=6", "training.data_batch_size_per_gpu=2",
+                 "algorithm.params.group_size=2", "algorithm.params.batch_size=4", "training.evaluation_interval=3",
+                 "logging.print_every=1", "algorithm.params.max_output_tokens=4"]  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "configs" / "accelerate" / "ddp.yaml"), "--main_process_port", str(free_port()),
+               "-m", "agilerl_llm.cli", "train", str(root / "configs" / "quickstart.yaml"), *overrides]  # fmt: skip
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    output = finished.stdout + finished.stderr
+    assert output.count("held-out reward (mean)") == 1  # one report, from the main process
+    assert output.count("step     3 |") == 1  # metrics logged once, not per rank
+    assert (tmp_path / "run" / "config.yaml").is_file()

@@ -8,6 +8,9 @@ Usage: resume_worker.py MODE MODEL_DIR CKPT_DIR OUT_DIR TOTAL_STEPS INTERVAL [AL
   resume  build everything afresh, resume from the newest checkpoint under CKPT_DIR, finish the run.
 Results: OUT_DIR/history.json (per-step metrics) and OUT_DIR/adapters.safetensors (every LoRA parameter, and the
 tensors of every extra checkpoint module such as PPO's value head, as ``module.<name>.<key>``).
+
+Under ``torch.distributed.run`` (several processes) the agent trains data parallel; the main process writes the
+results and every other rank r writes OUT_DIR/adapters_rank<r>.safetensors, to check that the ranks agree.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ torch.set_num_threads(1)
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from agilerl_llm import GRPO, LLMPPO  # noqa: E402
+from agilerl_llm import GRPO, LLMPPO, make_accelerator  # noqa: E402
 from agilerl_llm.checkpoint import CheckpointConfig  # noqa: E402
+from agilerl_llm.distributed import launched_world_size  # noqa: E402
 from agilerl_llm.envs.reasoning import ReasoningGym  # noqa: E402
 from agilerl_llm.training.logging import MetricsLogger  # noqa: E402
 from agilerl_llm.training.reasoning import finetune_llm_reasoning  # noqa: E402
@@ -78,6 +82,7 @@ def main() -> None:
         "lr": 5e-2,
         "seed": 7,
         "gradient_checkpointing": False,
+        "accelerator": make_accelerator() if launched_world_size() > 1 else None,
     }
     if algorithm == "ppo":
         agent = LLMPPO(tokenizer.pad_token_id, tokenizer.pad_token, group_size=2, batch_size=4, **common)
@@ -99,12 +104,14 @@ def main() -> None:
     rows = [
         {key: row[key] for key in ("step", "agent", *DETERMINISTIC, "eval/reward") if key in row} for row in history
     ]
-    (out / "history.json").write_text(json.dumps(rows))
+    rank = agent.dist.rank
+    if rank == 0:
+        (out / "history.json").write_text(json.dumps(rows))
     weights = {name: p.detach().clone().contiguous() for name, p in agent.actor.named_parameters() if "lora_" in name}
     for module_name, spec in agent.checkpoint_modules().items():
         for key, tensor in spec.module.state_dict().items():
             weights[f"module.{module_name}.{key}"] = tensor.detach().clone().contiguous()
-    save_file(weights, str(out / "adapters.safetensors"))
+    save_file(weights, str(out / ("adapters.safetensors" if rank == 0 else f"adapters_rank{rank}.safetensors")))
 
 
 if __name__ == "__main__":
