@@ -271,15 +271,24 @@ class Distributed:
     def _fill_deepspeed_config(self, micro_batch_size: int, max_grad_norm: float | None) -> None:
         """Resolve the DeepSpeed config's "auto" values from ours (no dataloader tells Accelerate the micro-batch),
         and put the engine in unmanaged accumulation: one ``engine.step()`` per optimizer step."""
-        config = self.deepspeed_plugin.deepspeed_config
+        plugin = self.deepspeed_plugin
+        config = plugin.deepspeed_config
         ours = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": 1,  # accumulation is ours: backward accumulates, step() applies
             "gradient_clipping": max_grad_norm or 0.0,
+            "train_batch_size": None,  # micro-batch x world size, worked out below
         }
-        for key, value in ours.items():
-            if config.get(key, "auto") == "auto":
-                config[key] = value
+        # The plugin's config is shared by every engine of the process (a population has one per member), so the
+        # keys the user left on "auto" are remembered and refilled from each agent; the others are the user's.
+        auto = getattr(plugin, "_agilerl_llm_auto_keys", None)
+        if auto is None:
+            auto = frozenset(key for key in ours if config.get(key, "auto") == "auto")
+            plugin._agilerl_llm_auto_keys = auto
+        for key in auto:
+            config[key] = ours[key]
+        if "train_batch_size" in auto:
+            config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * self.world_size
         clipping = config["gradient_clipping"]
         if float(clipping or 0.0) != float(max_grad_norm or 0.0):
             raise ValueError(
@@ -291,8 +300,6 @@ class Distributed:
                 f"the DeepSpeed config sets gradient_accumulation_steps={config['gradient_accumulation_steps']}; "
                 "set it to 1 or 'auto': accumulation follows the agent's batch_size // micro_batch_size_per_gpu."
             )
-        if config.get("train_batch_size", "auto") == "auto":
-            config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * self.world_size
         if config.get("managed_gradient_accumulation", False):
             raise ValueError(
                 "the DeepSpeed config sets managed_gradient_accumulation=true; remove it: the agent decides when an "
@@ -345,6 +352,26 @@ class Distributed:
             summed = flat[offset : offset + count].view_as(grad).to(grad.device, grad.dtype).clone()
             parameter.grad = summed if bool(reached[index]) else None
             offset += count
+
+    def release(self, *objects: Any) -> None:
+        """Forget one agent's prepared objects (its engine, module, optimizer) and free its DeepSpeed engine.
+
+        ``Accelerator.free_memory`` would release every prepared object and destroy the most recently built engine,
+        which in a population belongs to another member; this releases only the ones given.
+        """
+        if self.accelerator is None:
+            return
+        doomed = {id(obj) for obj in objects if obj is not None}
+        for name in ("_models", "_optimizers", "_schedulers"):
+            kept = [obj for obj in getattr(self.accelerator, name, []) if id(obj) not in doomed]
+            setattr(self.accelerator, name, kept)
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if wrapped is not None and id(wrapped.engine) in doomed:
+            self.accelerator.deepspeed_engine_wrapped = None
+        unique = {id(obj): obj for obj in objects if obj is not None}
+        for obj in unique.values():
+            if self.backend == DEEPSPEED and hasattr(obj, "destroy"):
+                obj.destroy()  # the engine's own buffers and hooks
 
     @staticmethod
     def refresh_master_weights(engine: Any | None) -> None:

@@ -145,13 +145,19 @@ def test_ranks_serve_disjoint_prompts_covering_the_global_batches(runs, backend)
         assert [first, second] == expected
 
 
-def test_a_population_evolves_identically_on_both_ranks(runs):
-    """Two GRPO members, two generations of tournament selection and lr mutation under data parallel: both ranks
-    hold the same members, hyperparameters, fitness histories and weights."""
-    members = result(runs, "ddp")["population"]["members"]
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_a_population_evolves_identically_on_both_ranks(runs, backend):
+    """Two GRPO members, two generations of tournament selection and lr mutation: both ranks hold the same
+    members, hyperparameters, fitness histories and weights (under ZeRO-2 every member has its own engine)."""
+    members = result(runs, backend)["population"]["members"]
     assert len(members) == 2 and members[0] == members[1]
     indices = [member[0] for member in members[0]]
     assert max(indices) > 1  # selection made new members (clones get fresh indices)
+
+
+def test_populations_are_refused_under_zero3_with_what_to_use_instead(runs):
+    message = result(runs, "zero3")["population_error"]
+    assert "not supported under DeepSpeed ZeRO-3" in message and "zero2.yaml" in message
 
 
 # ---------------------------------------------------------------------------------------------- crash and resume

@@ -385,9 +385,10 @@ class LLMAlgorithm(GenerationMixin):
         return tuple(e.to(self.device) if isinstance(e, torch.Tensor) else e for e in experiences)
 
     def clean_up(self) -> None:
-        """Release the networks and optimizer (and the accelerator's references to them)."""
+        """Release the networks and optimizer (and the accelerator's references to them, this agent's only: the
+        other members of a population keep theirs)."""
         if self.accelerator is not None:
-            self.accelerator.free_memory()
+            self.dist.release(self.engine, self.__dict__.get("policy_forward"), self.__dict__.get("optimizer"))
         for name in ("policy_forward", "engine", "actor", "adapters", "optimizer", "lr_scheduler"):
             self.__dict__.pop(name, None)
 
@@ -491,6 +492,12 @@ class LLMAlgorithm(GenerationMixin):
         The frozen base weights are shared (same tensors): a clone costs its adapters and optimizer state
         only. Training the clone never changes this agent, and vice versa.
         """
+        if self.dist.zero_stage == 3:
+            raise NotImplementedError(
+                "clone() (and so populations and tournament selection) is not supported under DeepSpeed ZeRO-3: the "
+                "adapters are partitioned across processes and a member cannot share them. Train populations with "
+                "data parallel (configs/accelerate/ddp.yaml) or ZeRO-2 (configs/accelerate/zero2.yaml)."
+            )
         clone = object.__new__(type(self))
         for name, value in self.__dict__.items():
             if name not in _COLLABORATORS:

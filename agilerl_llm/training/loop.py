@@ -126,6 +126,12 @@ def run_population_loop(
             f"{type(env).__name__} has no shard(rank, world_size): under {dist.world_size} processes every rank "
             "would learn from the same data. Give the env a shard method (see agilerl_llm.envs.sharding)."
         )
+    if checkpoint is not None and checkpoint.hf_save_interval is not None and dist.zero_stage == 3:
+        raise ValueError(
+            "checkpoint.hf_save_interval: exporting a merged Hugging Face model during training is not supported "
+            "under DeepSpeed ZeRO-3 (the weights are partitioned); drop hf_save_interval / export_path and export a "
+            "saved checkpoint afterwards with `agilerl-llm checkpoints export`."
+        )
     progress = progress and dist.is_main
     logger = logger or MetricsLogger(print_every=1 if dist.is_main else 0)
     history: list[dict[str, float]] = []

@@ -11,8 +11,8 @@ What it does, on every backend:
   algorithms  GRPO, PPO, REINFORCE (finetune_llm_reasoning), DPO (finetune_llm_preference) and SFT
               (finetune_llm_sft) each train 3 steps through their loops, with a held-out evaluation at the end;
               records which prompts each rank served and a checksum of every rank's trained weights.
-  population  (ddp only) a population of 2 GRPO agents evolves twice (tournament + mutation); records every
-              rank's members, hyperparameters and fitness.
+  population  (ddp, zero2; zero3 refuses) a population of 2 GRPO agents evolves twice (tournament + mutation; clones wrapped like their
+              parents); records every rank's members, hyperparameters, fitness and weights.
 Results: OUT_DIR/result.json (rank 0) and OUT_DIR/<name>.safetensors.
 """
 
@@ -253,8 +253,13 @@ def main() -> None:
     result["invariance"] = invariance(accelerator, model_dir, tokenizer, out, rank, world)
     if backend != "single":
         result["algorithms"] = algorithms(accelerator, model_dir, tokenizer, rank)
-    if backend == "ddp":
+    if backend in ("ddp", "zero2"):
         result["population"] = population(accelerator, model_dir, tokenizer)
+    if backend == "zero3":  # populations are refused there, with a message saying what to use instead
+        try:
+            population(accelerator, model_dir, tokenizer)
+        except NotImplementedError as error:
+            result["population_error"] = str(error)
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result))
 
