@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agilerl_llm.envs.sharding import check_shard, held_out_shard, next_global_batch, rank_slice
+from agilerl_llm.envs.sharding import ShardedData, held_out_shard, next_global_batch, rank_slice
 from agilerl_llm.rollout.base import ActionResult
 
 RewardFn = Callable[[str, Any, str], float]
@@ -61,7 +61,7 @@ class PromptBatch:
         return len(self.texts)
 
 
-class ReasoningGym:
+class ReasoningGym(ShardedData):
     """Serves prompt batches from a dataset and scores completions with ``reward_fn``.
 
     Args:
@@ -112,14 +112,7 @@ class ReasoningGym:
         self._evaluating = False
         self._test_cursor = 0
         self._current: PromptBatch | None = None
-        self.rank, self.world_size = 0, 1
-        if accelerator is not None:
-            self.shard(int(accelerator.process_index), int(accelerator.num_processes))
-
-    def shard(self, rank: int, world_size: int) -> None:
-        """Serve rank ``rank``'s share of the data out of ``world_size`` processes (``envs/sharding.py``)."""
-        check_shard(rank, world_size)
-        self.rank, self.world_size = rank, world_size
+        self.shard_for(accelerator)
 
     # ----------------------------------------------------------------------------------------- serving
     def reset(self, reset_dataloaders: bool = False) -> PromptBatch:

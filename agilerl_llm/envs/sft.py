@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from agilerl_llm.envs.sharding import PADDING, check_shard, held_out_shard, next_global_batch, rank_slice
+from agilerl_llm.envs.sharding import PADDING, ShardedData, held_out_shard, next_global_batch, rank_slice
 
 Batch = TypeVar("Batch")
 Message = dict[str, str]
@@ -116,7 +116,7 @@ def collate_supervised(
     return SupervisedBatch(input_ids, attention_mask, trained[:, 1:])
 
 
-class DatasetServer(Generic[Batch]):
+class DatasetServer(ShardedData, Generic[Batch]):
     """Serves rendered batches of a train split in a seeded random order and a test split in order.
 
     Args:
@@ -146,14 +146,7 @@ class DatasetServer(Generic[Batch]):
         self.data_batch_size_per_gpu = data_batch_size_per_gpu
         self.seed = seed
         self.epoch, self.cursor = 0, 0
-        self.rank, self.world_size = 0, 1
-        if accelerator is not None:
-            self.shard(int(accelerator.process_index), int(accelerator.num_processes))
-
-    def shard(self, rank: int, world_size: int) -> None:
-        """Serve rank ``rank``'s share of the data out of ``world_size`` processes (``envs/sharding.py``)."""
-        check_shard(rank, world_size)
-        self.rank, self.world_size = rank, world_size
+        self.shard_for(accelerator)
 
     def reset(self, reset_dataloaders: bool = False) -> Batch:
         """The next training batch (from the start of the first epoch with ``reset_dataloaders``)."""

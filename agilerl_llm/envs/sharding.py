@@ -12,9 +12,28 @@ slot repeats sample 0 and is marked -1, so it is never counted.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 PADDING = -1
+
+
+class ShardedData:
+    """Mixed into the envs: which rank's share of the data they serve (``rank`` of ``world_size``)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Serve rank ``rank``'s share of the data out of ``world_size`` processes (see the module docstring)."""
+        check_shard(rank, world_size)
+        self.rank, self.world_size = rank, world_size
+
+    def shard_for(self, accelerator: Any | None) -> None:
+        """``shard`` by an accelerator's process index and count (nothing for None)."""
+        if accelerator is not None:
+            self.shard(int(accelerator.process_index), int(accelerator.num_processes))
 
 
 def check_shard(rank: int, world_size: int) -> None:

@@ -157,38 +157,10 @@ def algorithms(accelerator, model_dir, tokenizer, rank: int) -> dict:
         "gradient_checkpointing": False,
         "micro_batch_size_per_gpu": 2,
     }
-    rollout = {"max_output_tokens": 3, "beta": 0.05}
-    builders = {
-        "grpo": lambda net: GRPO(
-            tokenizer.pad_token_id,
-            tokenizer.pad_token,
-            actor_network=net,
-            group_size=2,
-            batch_size=4,
-            **rollout,
-            **common,
-        ),  # fmt: skip
-        "ppo": lambda net: LLMPPO(
-            tokenizer.pad_token_id,
-            tokenizer.pad_token,
-            actor_network=net,
-            group_size=2,
-            batch_size=4,
-            **rollout,
-            **common,
-        ),  # fmt: skip
-        "reinforce": lambda net: LLMReinforce(
-            tokenizer.pad_token_id,
-            tokenizer.pad_token,
-            actor_network=net,
-            group_size=2,
-            batch_size=4,
-            **rollout,
-            **common,
-        ),  # fmt: skip
-    }
-    for name, build in builders.items():
-        agent = build(AutoModelForCausalLM.from_pretrained(model_dir))
+    rollout = {"max_output_tokens": 3, "beta": 0.05, "group_size": 2, "batch_size": 4}
+    for name, cls in (("grpo", GRPO), ("ppo", LLMPPO), ("reinforce", LLMReinforce)):
+        network = AutoModelForCausalLM.from_pretrained(model_dir)
+        agent = cls(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=network, **rollout, **common)
         env = RecordingGym(QUESTIONS[:24], QUESTIONS[24:29], tokenizer, reward, data_batch_size_per_gpu=2, seed=1)
         _, history = finetune_llm_reasoning([agent], env, max_steps=STEPS, evaluation_interval=STEPS,
                                             evaluate_at_start=False, logger=MetricsLogger(print_every=0),
