@@ -27,8 +27,13 @@ def summary_table(result: JobResult) -> str:
     ]
     lines = [f"{'metric':<26}{'before RL':>12}{'after RL':>12}", "-" * 50]
     lines += [f"{name:<26}{before:>12.3f}{after:>12.3f}" for name, before, after in rows]
-    gain = result.reward_after / result.reward_before if result.reward_before > 0 else float("inf")
-    lines += ["-" * 50, f"reward gain {gain:.2f}x in {result.seconds:.0f} s; base model in {result.base_model_dir}"]
+    # a ratio to a zero reward says nothing ("infx"): then the difference is reported
+    gain = (
+        f"reward gain {result.reward_after / result.reward_before:.2f}x"
+        if result.reward_before > 0
+        else f"reward change {result.reward_after - result.reward_before:+.3f} (from 0)"
+    )
+    lines += ["-" * 50, f"{gain} in {result.seconds:.0f} s; base model in {result.base_model_dir}"]
     return "\n".join(lines)
 
 
