@@ -164,13 +164,17 @@ def test_populations_are_refused_under_zero3_with_what_to_use_instead(runs):
 RESUME_WORKER = Path(__file__).parent / "distributed" / "resume_worker.py"
 
 
-def start_resume_worker(mode: str, model_dir: Path, ckpt: Path, out: Path, processes: int = 2) -> subprocess.Popen:
-    """resume_worker.py under torch.distributed.run (2 processes) or plainly; its own session, so a SIGKILL to the
-    group takes the launcher and every rank down at once, as a machine failure would."""
-    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def start_resume_worker(
+    mode: str, model_dir: Path, ckpt: Path, out: Path, processes: int = 2, zero: int | None = None, total: int = 6
+) -> subprocess.Popen:
+    """resume_worker.py under torch.distributed.run (2 processes; with ``zero`` DeepSpeed ZeRO-<zero>, even on one)
+    or plainly; in its own session."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
     env.pop("WORLD_SIZE", None)
-    command = [sys.executable, str(RESUME_WORKER), mode, str(model_dir), str(ckpt), str(out), "6", "3", "grpo"]
-    if processes > 1:
+    if zero is not None:
+        env["RESUME_WORKER_ZERO"] = str(zero)
+    command = [sys.executable, str(RESUME_WORKER), mode, str(model_dir), str(ckpt), str(out), str(total), "3", "grpo"]
+    if processes > 1 or zero is not None:
         command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
                         "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -239,6 +243,18 @@ def test_sigkill_of_a_two_process_run_then_resume_is_bitwise_exact(tiny_model_di
         print(f"{int(after['step']):>4} | {before['loss/policy']:>26.10f} | {after['loss/policy']:>19.10f}")
 
     stderr = finish(start_resume_worker("resume", tiny_model_dir, tmp_path / "ck_one_process", tmp_path / "one", 1))
+    assert "saved by 2 process(es) and is resumed by 1" in stderr
+    assert [row["step"] for row in json.loads((tmp_path / "one" / "history.json").read_text())] == [4.0, 5.0, 6.0]
+
+
+def test_a_zero2_run_resumed_on_another_world_size_loads_the_adapters_and_says_what_it_cannot(tiny_model_dir, tmp_path):
+    """ZeRO-2 partitions the optimizer state per process and DeepSpeed cannot re-partition it: a checkpoint of a
+    2-process run resumed on 1 process loads the adapters and the LR schedule, starts the optimizer afresh, and
+    warns about both that and the random streams."""
+    finish(start_resume_worker("full", tiny_model_dir, tmp_path / "ck", tmp_path / "two", zero=2, total=3))
+    # the 3-step run's checkpoint is step 3; resume it for steps 4..6 on one process
+    stderr = finish(start_resume_worker("resume", tiny_model_dir, tmp_path / "ck", tmp_path / "one", 1, zero=2))
+    assert "DeepSpeed cannot load it on 1" in stderr and "the optimizer (Adam moments) starts afresh" in stderr
     assert "saved by 2 process(es) and is resumed by 1" in stderr
     assert [row["step"] for row in json.loads((tmp_path / "one" / "history.json").read_text())] == [4.0, 5.0, 6.0]
 

@@ -549,16 +549,35 @@ class CheckpointManager:
                 raise FileNotFoundError(f"{agent_dir} is missing from a checkpoint marked complete.")
             agent_states.append(read_state(agent_dir, agent.lora_config))
         indices = state.get("agent_indices") or []
+        saved_world = int(state.get("world_size", 1))
+        same_world = saved_world == self._world_size
         for i, (agent, agent_state) in enumerate(zip(pop, agent_states, strict=True)):
+            # ZeRO's optimizer state is partitioned per process and DeepSpeed cannot re-partition it for another
+            # number of processes: the adapters and the LR schedule load, the optimizer starts afresh (said below).
+            repartition = agent_state.payload.get("engine_checkpoint") and not same_world
             agent.load_checkpoint_state(
-                agent_state, load_optimizer=True, overwrite_reference_adapter=True, overwrite_critic_adapter=True
+                agent_state,
+                load_optimizer=not repartition,
+                overwrite_reference_adapter=True,
+                overwrite_critic_adapter=True,
             )
+            if repartition:
+                schedule = agent_state.payload.get("lr_scheduler")
+                if schedule is not None and agent.lr_scheduler is not None:
+                    agent.lr_scheduler.load_state_dict(schedule)
+                if self._is_main:
+                    warnings.warn(
+                        f"{folder}: member {i}'s DeepSpeed optimizer state is partitioned over {saved_world} "
+                        f"process(es) and DeepSpeed cannot load it on {self._world_size}; its adapters and LR schedule "
+                        "are restored and the optimizer (Adam moments) starts afresh. Resume on the same world size "
+                        "to keep them.",
+                        UserWarning,
+                        stacklevel=3,
+                    )
             if i < len(indices):  # evolution renumbers members; the agent checkpoint leaves index alone
                 agent.index = int(indices[i])
         if env is not None and state.get("env_state") is not None:
             env.load_state_dict(state["env_state"])
-        saved_world = int(state.get("world_size", 1))
-        same_world = saved_world == self._world_size
         rng_file = folder / (RNG_FILE if self._rank == 0 else f"rng_state_rank{self._rank}.safetensors")
         if not same_world or not rng_file.is_file():
             rng_file = folder / RNG_FILE  # another world size: every rank starts from the main's streams
@@ -567,8 +586,9 @@ class CheckpointManager:
         restore_rng(load_file(str(rng_file)), plain)
         if not same_world and self._is_main:
             warnings.warn(
-                f"{folder} was saved by {saved_world} process(es) and is resumed by {self._world_size}: the agents, "
-                "optimizer and LR-schedule state and the data position are restored, but the per-process random "
+                f"{folder} was saved by {saved_world} process(es) and is resumed by {self._world_size}: the adapters, "
+                "the LR schedule, the data position and the optimizer state (unless DeepSpeed partitioned it) are "
+                "restored, but the per-process random "
                 "streams cannot be mapped onto another number of processes, so sampling (and anything random) differs "
                 "from an uninterrupted run. Resume on the same world size for an exact continuation.",
                 UserWarning,

@@ -68,6 +68,16 @@ class StallingLogger(MetricsLogger):
             time.sleep(600)
 
 
+def launch_accelerator():
+    """None in a plain process; under a launcher data parallel, or DeepSpeed ZeRO-<n> with RESUME_WORKER_ZERO=n."""
+    stage = os.environ.get("RESUME_WORKER_ZERO")
+    if stage:
+        from accelerate.utils import DeepSpeedPlugin
+
+        return make_accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=int(stage)))
+    return make_accelerator() if launched_world_size() > 1 else None
+
+
 def main() -> None:
     mode, model_dir, ckpt_dir, out_dir, total, interval = sys.argv[1:7]
     algorithm = sys.argv[7] if len(sys.argv) > 7 else "grpo"
@@ -82,7 +92,7 @@ def main() -> None:
         "lr": 5e-2,
         "seed": 7,
         "gradient_checkpointing": False,
-        "accelerator": make_accelerator() if launched_world_size() > 1 else None,
+        "accelerator": launch_accelerator(),
     }
     if algorithm == "ppo":
         agent = LLMPPO(tokenizer.pad_token_id, tokenizer.pad_token, group_size=2, batch_size=4, **common)
