@@ -55,6 +55,7 @@ _COLLABORATORS = frozenset(
         "engine",
         "mutation_hooks",
         "hp_config",
+        "rollout_engine",
     }
 )
 
@@ -147,6 +148,9 @@ class LLMAlgorithm(GenerationMixin):
         self.fused_logprobs_chunk_rows = fused_logprobs_chunk_rows
         self.calc_position_embeddings = calc_position_embeddings
         self.reference_update_tracker = 0
+        # Bumped whenever the trainable weights change (an optimizer step, a checkpoint load): a rollout engine
+        # with its own copy of the weights syncs when it last saw another version (rollout/base.py).
+        self._weights_version = 0
         self.fitness: list[float] = []
         self.mutation_hooks: list[Callable[[], None]] = []
         if self.hp_config is not None:
@@ -304,6 +308,11 @@ class LLMAlgorithm(GenerationMixin):
             return self.accelerator.unwrap_model(self.policy_forward)
         return self.policy_forward
 
+    @property
+    def weights_version(self) -> int:
+        """Changes whenever the trainable weights do (each optimizer step, each checkpoint load)."""
+        return self._weights_version
+
     # ------------------------------------------------------------------------------------------ optimisation
     def make_policy_forward(self, actor: PeftModel) -> HiddenStatesModel:
         """The training forward over ``actor``: the module the accelerator wraps (PPO adds its value head)."""
@@ -339,6 +348,7 @@ class LLMAlgorithm(GenerationMixin):
         )
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
+        self._weights_version += 1
         return grad_norm
 
     def get_lr_names(self) -> list[str]:
@@ -425,6 +435,7 @@ class LLMAlgorithm(GenerationMixin):
         apply_state(
             self, state, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter, check_base_model
         )
+        self._weights_version += 1
 
     @classmethod
     def validate_hyperparameters(cls, values: dict[str, Any]) -> None:
@@ -507,6 +518,8 @@ class LLMAlgorithm(GenerationMixin):
         clone.engine = None
         clone.hp_config = self.hp_config
         clone.mutation_hooks = list(self.mutation_hooks)
+        if "rollout_engine" in self.__dict__:
+            clone.rollout_engine = self.rollout_engine.for_clone(clone)
         clone.adapters = self.adapters.copy_sharing_base()
         clone.actor = clone.adapters.model
         clone.policy_forward = clone.make_policy_forward(clone.actor)

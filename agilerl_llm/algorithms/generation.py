@@ -1,5 +1,7 @@
 """Generation and evaluation for ``LLMAlgorithm``: sampling settings, ``get_action`` and ``test``.
 
+Completions come from the agent's ``rollout_engine`` (``rollout/base.py``: HuggingFace generate by default).
+
 Kept apart from ``base.py`` so the base class stays about wiring (adapters, optimizer, cloning). The mixin
 reads the agent's live attributes (``actor``, ``device``, ``group_size``, the sampling hyperparameters), so
 a mutated temperature or group size takes effect at the next rollout.
@@ -13,8 +15,8 @@ import torch
 
 from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym
 from agilerl_llm.model.adapters import ACTOR
-from agilerl_llm.rollout.base import ActionResult, SamplingSettings
-from agilerl_llm.rollout.hf import generate_completions
+from agilerl_llm.rollout.base import ActionResult, RolloutEngine, SamplingSettings
+from agilerl_llm.rollout.hf import HFRolloutEngine
 
 
 class GenerationMixin:
@@ -36,6 +38,7 @@ class GenerationMixin:
         self.__dict__.update(SamplingSettings(**sampling).model_dump())
         self.hf_generate_chunk_size = hf_generate_chunk_size
         self.use_liger_loss = use_liger_loss
+        self.rollout_engine: RolloutEngine = HFRolloutEngine()
 
     def sampling_settings(self) -> SamplingSettings:
         """The training-rollout sampling settings, read from the (mutable) hyperparameter attributes."""
@@ -65,26 +68,14 @@ class GenerationMixin:
         group_size = getattr(self, "group_size", 1) if training and repeat_prompts else 1
         self.set_training_mode(False)
         with self.select_adapter(ACTOR):
-            return generate_completions(
-                self.actor,
-                prompt_ids.to(self.device),
-                prompt_mask.to(self.device),
+            return self.rollout_engine.generate(
+                self,
+                prompt_ids,
+                prompt_mask,
                 num_completions=group_size,
                 sampling=self.sampling_settings(),
                 do_sample=training,
-                pad_token_id=self.pad_token_id,
-                eos_token_ids=self._eos_token_ids(),
-                chunk_size=getattr(self, "hf_generate_chunk_size", None),
-                synced_gpus=self.dist.synced_generation,
             )
-
-    def _eos_token_ids(self) -> list[int]:
-        eos = self.actor.generation_config.eos_token_id
-        if eos is None:
-            eos = self.actor.config.eos_token_id
-        if eos is None:
-            raise ValueError("The model defines no eos_token_id (generation_config or config); set one.")
-        return [eos] if isinstance(eos, int) else list(eos)
 
     def test(self, env: ReasoningGym, loop: int = 1) -> torch.Tensor:
         """Greedy completions for the whole held-out split, ``loop`` times; returns every reward.

@@ -1,4 +1,10 @@
-"""What a rollout engine returns, and the sampling settings it takes.
+"""The rollout seam: the ``RolloutEngine`` protocol, what an engine returns, and the sampling settings it takes.
+
+An algorithm that generates holds one engine (``agent.rollout_engine``): HuggingFace ``generate``
+(``rollout/hf.py``) by default. ``get_action`` and ``test`` only ever call ``engine.generate``; ``learn`` takes
+the ``ActionResult`` (or an ``Experience``) and does not care which engine made it. An engine that keeps its
+own copy of the weights compares the agent's ``weights_version`` (bumped by every optimizer step and every
+checkpoint load) with the version it last synced, and syncs before generating when they differ.
 
 Notation: N rows (prompts x completions per prompt), S = P + C tokens per row, where P is the
 (left-padded) prompt length shared by the batch and C the longest completion (right-padded).
@@ -8,9 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from agilerl_llm.algorithms.base import LLMAlgorithm
 
 
 class SamplingSettings(BaseModel):
@@ -80,3 +90,37 @@ def masks_from_lengths(
     # Log-prob position t scores token t + 1, so the completion's tokens sit at P - 1 ... P + C - 2.
     action_masks[:, prompt_mask.shape[1] - 1 :] = completion_mask
     return attention_mask, action_masks
+
+
+class RolloutEngine(Protocol):
+    """Generates completions for an agent's actor adapter."""
+
+    def generate(
+        self,
+        agent: LLMAlgorithm,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        *,
+        num_completions: int,
+        sampling: SamplingSettings,
+        do_sample: bool,
+    ) -> ActionResult:
+        """``num_completions`` completions per prompt (rows of a group contiguous): sampled with ``sampling`` when
+        ``do_sample`` (training), greedy otherwise (evaluation). (B, P) left-padded prompts -> N = B x G rows."""
+        ...
+
+    def sync(self, agent: LLMAlgorithm) -> None:
+        """Bring the engine's copy of the actor up to date (a no-op for an engine that reads the live model)."""
+        ...
+
+    def sleep(self) -> None:
+        """Release what the engine holds while the trainer learns (a no-op where there is nothing to release)."""
+        ...
+
+    def wake(self) -> None:
+        """Undo ``sleep`` before the next rollout."""
+        ...
+
+    def for_clone(self, clone: LLMAlgorithm) -> RolloutEngine:
+        """The engine a clone of the agent uses (a fresh one, or this one shared)."""
+        ...

@@ -18,11 +18,16 @@ Two things keep a rollout from paying for work it does not need:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
 from agilerl_llm.rollout.base import ActionResult, SamplingSettings, masks_from_lengths
+
+if TYPE_CHECKING:
+    from agilerl_llm.algorithms.base import LLMAlgorithm
 
 
 def completion_lengths(generated: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
@@ -172,3 +177,56 @@ def generate_completions(
         prompt_length=prompt_length,
         completion_lengths=lengths,
     )
+
+
+class HFRolloutEngine:
+    """The ``RolloutEngine`` that generates with the agent's own model (HuggingFace ``generate``): it reads the live
+    weights, so there is nothing to sync, and nothing to put to sleep.
+
+    Prompts go to ``generate`` in chunks of the agent's ``hf_generate_chunk_size`` (None: all at once).
+    """
+
+    def generate(
+        self,
+        agent: LLMAlgorithm,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        *,
+        num_completions: int,
+        sampling: SamplingSettings,
+        do_sample: bool,
+    ) -> ActionResult:
+        return generate_completions(
+            agent.actor,
+            prompt_ids.to(agent.device),
+            prompt_mask.to(agent.device),
+            num_completions=num_completions,
+            sampling=sampling,
+            do_sample=do_sample,
+            pad_token_id=agent.pad_token_id,
+            eos_token_ids=eos_token_ids(agent.actor),
+            chunk_size=getattr(agent, "hf_generate_chunk_size", None),
+            synced_gpus=agent.dist.synced_generation,
+        )
+
+    def sync(self, agent: LLMAlgorithm) -> None:
+        """Nothing to do: ``generate`` runs on the live model."""
+
+    def sleep(self) -> None:
+        """Nothing to release."""
+
+    def wake(self) -> None:
+        """Nothing to restore."""
+
+    def for_clone(self, clone: LLMAlgorithm) -> HFRolloutEngine:
+        return HFRolloutEngine()
+
+
+def eos_token_ids(model: nn.Module) -> list[int]:
+    """The ids that end a completion: the generation config's eos id(s), else the model config's."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        raise ValueError("The model defines no eos_token_id (generation_config or config); set one.")
+    return [eos] if isinstance(eos, int) else list(eos)
