@@ -154,7 +154,13 @@ def main() -> None:
 
         model_dir = save_tiny_model(Path(tmp) / "model", config["size"], architecture="qwen2", seed=0)
         config |= {"model_dir": str(model_dir), "tmp": tmp}
-        results = {processes: measure(config, processes) for processes in (1, 2)}
+        import torch
+
+        # two processes need two GPUs (NCCL refuses two ranks on one device); a CPU machine runs them over gloo
+        counts = (1, 2) if not torch.cuda.is_available() or torch.cuda.device_count() >= 2 else (1,)
+        results = {processes: measure(config, processes) for processes in counts}
+        if counts == (1,):
+            print("one GPU on this machine: the 2-process rows need two")
     device = results[1]["device"]
     print(f"\n{config['size']} model, {device}, {config['threads']} thread(s)/process, 2-process backend "
           f"{config['backend']}; per rank: GRPO {config['prompts']}x{config['group_size']} completions of "
@@ -163,7 +169,7 @@ def main() -> None:
     table = {}
     for name in ("GRPO", "SFT"):
         base = results[1]["results"][name]["tokens_per_s"]
-        for processes in (1, 2):
+        for processes in sorted(results):
             row = results[processes]["results"][name]
             scaling = row["tokens_per_s"] / base
             print(f"{name:<10}| {processes:>9} | {row['s_per_iter']:>8.3f} | {row['tokens_per_iter']:>11.0f} | "
