@@ -249,15 +249,19 @@ class Distributed:
         *,
         micro_batch_size: int,
         max_grad_norm: float | None,
+        replicated: Sequence[torch.nn.Parameter] = (),
     ) -> tuple[torch.nn.Module, Any, Any | None]:
         """Ready ``module`` and ``optimizer`` for this backend; returns (module, optimizer, DeepSpeed engine or None).
 
-        DeepSpeed: Accelerate builds the engine from its config with our sizes filled in where it says "auto";
-        the LR schedule stays ours (stepped once per optimizer step), never the engine's.
-        Data parallel: rank 0's trainable values are broadcast, so every rank starts from the same adapters.
+        DeepSpeed: Accelerate builds the engine from its config with our sizes filled in where it says "auto"
+        (the engine broadcasts rank 0's parameters itself); the LR schedule stays ours (stepped once per optimizer
+        step), never the engine's.
+        Data parallel: rank 0's values of ``replicated`` (every adapter, the frozen reference included, and the
+        extra trainable modules) are broadcast, so every rank starts from the same weights even if the ranks were
+        seeded differently.
         """
         if self.backend != DEEPSPEED:
-            self.broadcast_parameters([p for p in module.parameters() if p.requires_grad])
+            self.broadcast_parameters(list(replicated))
             return module, optimizer, None
         self._fill_deepspeed_config(micro_batch_size, max_grad_norm)
         engine, optimizer = self.accelerator.prepare(module, optimizer)

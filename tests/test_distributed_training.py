@@ -97,6 +97,13 @@ def test_two_ranks_with_half_the_rows_each_take_the_one_process_step(runs, backe
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_seeded_differently_start_from_the_same_adapters(runs, backend):
+    """Every adapter (actor and the frozen reference) starts from rank 0's values on every rank."""
+    seeded = result(runs, backend)["differently_seeded"]
+    assert seeded["reference_included"] and seeded["ranks_agree"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_accumulation_changes_nothing(runs, backend):
     """Micro-batches of 2 (two backward passes per optimizer step on each rank) == one micro-batch per rank."""
     tol = tolerance(backend)

@@ -375,11 +375,14 @@ class LLMAlgorithm(GenerationMixin):
         """
         if self.accelerator is None or self.engine is not None:
             return
+        adapters = [p for name in self.adapter_names() for p in self.adapters.parameters(name)]
+        extra = [p for spec in self.checkpoint_modules().values() for p in spec.module.parameters()]
         self.policy_forward, self.optimizer, self.engine = self.dist.prepare(
             self.policy_forward,
             self.optimizer,
             micro_batch_size=self.micro_batch_size_per_gpu,
             max_grad_norm=self.max_grad_norm,
+            replicated=adapters + extra,
         )
 
     def unwrap_models(self) -> None:

@@ -214,6 +214,21 @@ def population(accelerator, model_dir, tokenizer) -> dict:
     return {"members": every_rank, "history_rows": len(history)}
 
 
+def differently_seeded(accelerator, model_dir, tokenizer, rank: int) -> dict:
+    """Ranks seeded differently still start from the same adapters (rank 0's), the frozen reference included."""
+    agent = GRPO(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
+                 seed=100 + rank, accelerator=accelerator, gradient_checkpointing=False, group_size=2, batch_size=4)  # fmt: skip
+    named = {name: p for name, p in agent.actor.named_parameters() if "lora_" in name}
+    with gathered(list(named.values())):
+        weights = {name: p.detach().to("cpu", torch.float64).clone() for name, p in named.items()}
+    sums = agent.dist.gather_objects(checksum(weights))
+    agent.clean_up()
+    return {
+        "ranks_agree": all(s == sums[0] for s in sums),
+        "reference_included": any(".reference." in n for n in named),
+    }
+
+
 def main() -> None:
     backend, model_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     out.mkdir(parents=True, exist_ok=True)
@@ -224,6 +239,7 @@ def main() -> None:
     result = {"backend": backend, "world_size": world}
     result["invariance"] = invariance(accelerator, model_dir, tokenizer, out, rank, world)
     if backend != "single":
+        result["differently_seeded"] = differently_seeded(accelerator, model_dir, tokenizer, rank)
         result["algorithms"] = algorithms(accelerator, model_dir, tokenizer, rank)
     if backend in ("ddp", "zero2"):
         result["population"] = population(accelerator, model_dir, tokenizer)
