@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = Path(__file__).parent / "distributed" / "train_worker.py"
 BACKENDS = ("ddp", "zero2", "zero3")
-INVARIANCE_RUNS = ("grpo_micro2", "grpo_microall", "reinforce_micro2", "reinforce_microall")
+INVARIANCE_RUNS = tuple(f"{name}_{micro}" for name in ("grpo", "reinforce", "ppo") for micro in ("micro2", "microall"))
 ALGORITHMS = ("grpo", "ppo", "reinforce", "dpo", "sft")
 # The invariance runs train a float64 model. Data parallel keeps float64 throughout; DeepSpeed keeps its master
 # weights and reductions in float32 whatever the model dtype, so its results carry float32 rounding (which Adam's
@@ -43,6 +43,14 @@ def launch(backend: str, model_dir: Path, out: Path, timeout: float = 600) -> No
         command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                         "--master_port", str(free_port())]  # fmt: skip
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if finished.returncode != 0 and backend != "single":
+        # Once, this launch failed at setup and never again in many reruns (its output was not kept). One retry on a
+        # fresh port; the first failure stays visible as a warning in the test summary.
+        import warnings
+
+        warnings.warn(f"{backend} worker failed once, retried:\n{finished.stderr[-4000:]}", stacklevel=2)
+        command[command.index("--master_port") + 1] = str(free_port())
+        finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if finished.returncode != 0:
         pytest.fail(f"{backend} worker failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-6000:]}")
 
@@ -60,8 +68,11 @@ def result(runs, backend: str) -> dict:
     return json.loads((runs[backend] / "result.json").read_text())
 
 
-def tolerance(backend: str) -> float:
-    return torch.finfo(WORKING_DTYPE[backend]).eps ** 0.5
+def tolerance(backend: str, run: str = "") -> float:
+    # PPO's value head computes in float32 whatever the model dtype (model/value_head.py), so PPO runs carry
+    # float32 rounding on every backend.
+    dtype = torch.float32 if run.startswith("ppo") else WORKING_DTYPE[backend]
+    return torch.finfo(dtype).eps ** 0.5
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -75,12 +86,14 @@ def test_two_ranks_with_half_the_rows_each_take_the_one_process_step(runs, backe
     and the same adapters, with and without gradient accumulation (micro-batches of 2)."""
     single, multi = result(runs, "single")["invariance"], result(runs, backend)["invariance"]
     assert result(runs, backend)["world_size"] == 2
-    tol = tolerance(backend)
-    print(f"\n{backend}: 2 ranks x 4 rows vs 1 rank x 8 rows, 3 optimizer steps (tolerance {tol:.1e})")
+    print(f"\n{backend}: 2 ranks x 4 rows vs 1 rank x 8 rows, 3 optimizer steps (tolerance {tolerance(backend):.1e})")
     print(
         "run                  | step | loss (1 proc)      | loss (2 procs)     | grad norm (1)  | grad norm (2)  | lr"
     )
     for run in INVARIANCE_RUNS:
+        if run.startswith("ppo") and backend == "zero3":
+            continue  # PPO refuses ZeRO-3 (test_ppo_is_refused_under_zero3)
+        tol = tolerance(backend, run)
         assert multi[run]["ranks_agree"], f"{run}: the two ranks ended with different adapters"
         for step, (one, two) in enumerate(zip(single[run]["steps"], multi[run]["steps"], strict=True), start=1):
             print(f"{run:<20} | {step:>4} | {one['mean_loss']:>18.12f} | {two['mean_loss']:>18.12f} | "
@@ -106,8 +119,8 @@ def test_ranks_seeded_differently_start_from_the_same_adapters(runs, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_accumulation_changes_nothing(runs, backend):
     """Micro-batches of 2 (two backward passes per optimizer step on each rank) == one micro-batch per rank."""
-    tol = tolerance(backend)
-    for algorithm in ("grpo", "reinforce"):
+    for algorithm in ("grpo", "reinforce", "ppo") if backend != "zero3" else ("grpo", "reinforce"):
+        tol = tolerance(backend, algorithm)
         accumulated = load_file(str(runs[backend] / f"{algorithm}_micro2.safetensors"))
         whole = load_file(str(runs[backend] / f"{algorithm}_microall.safetensors"))
         assert max_difference(accumulated, whole) < tol
@@ -118,8 +131,9 @@ def test_every_algorithm_trains_through_its_loop_and_the_ranks_agree(runs, backe
     """GRPO, PPO, REINFORCE (rollouts: generation under ZeRO-3 too), DPO and SFT: 3 steps and a held-out
     evaluation each; every rank ends with the same weights and the same held-out scores."""
     algorithms = result(runs, backend)["algorithms"]
-    assert set(algorithms) == set(ALGORITHMS)
-    for name in ALGORITHMS:
+    expected = [name for name in ALGORITHMS if not (name == "ppo" and backend == "zero3")]
+    assert set(algorithms) == set(expected)
+    for name in expected:
         run = algorithms[name]
         assert run["ranks_agree"], f"{name}: ranks ended with different weights"
         assert run["evals_agree"], f"{name}: ranks recorded different held-out scores"
@@ -127,7 +141,8 @@ def test_every_algorithm_trains_through_its_loop_and_the_ranks_agree(runs, backe
         assert last["step"] == 3.0
         assert all(torch.isfinite(torch.tensor(value)) for value in last.values()), last
         assert ("eval/reward" if name in ("grpo", "ppo", "reinforce") else "eval/loss") in last
-    assert "loss/value" in algorithms["ppo"]["last"]
+    if backend != "zero3":
+        assert "loss/value" in algorithms["ppo"]["last"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -146,7 +161,7 @@ def test_ranks_serve_disjoint_prompts_covering_the_global_batches(runs, backend)
         ([order[4 * b + 2], order[4 * b + 3]] for b in range(4)),
     )
     expected = [sum(batches, []) for batches in expected]
-    for name in ("grpo", "ppo", "reinforce"):
+    for name in ("grpo", "ppo", "reinforce") if backend != "zero3" else ("grpo", "reinforce"):
         first, second = result(runs, backend)["algorithms"][name]["served"]
         assert not set(first) & set(second), f"{name}: a prompt was served to both ranks"
         assert [first, second] == expected
@@ -165,6 +180,11 @@ def test_a_population_evolves_identically_on_both_ranks(runs, backend):
 def test_populations_are_refused_under_zero3_with_what_to_use_instead(runs):
     message = result(runs, "zero3")["population_error"]
     assert "not supported under DeepSpeed ZeRO-3" in message and "zero2.yaml" in message
+
+
+def test_ppo_is_refused_under_zero3_with_what_to_use_instead(runs):
+    message = result(runs, "zero3")["ppo_error"]
+    assert "LLMPPO does not run under DeepSpeed ZeRO-3" in message and "zero2.yaml" in message
 
 
 # ---------------------------------------------------------------------------------------------- crash and resume

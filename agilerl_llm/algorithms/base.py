@@ -94,6 +94,8 @@ class LLMAlgorithm(GenerationMixin):
     """
 
     uses_critic: ClassVar[bool] = False
+    # Why this algorithm refuses DeepSpeed ZeRO-3, or None when it runs there.
+    zero3_unsupported: ClassVar[str | None] = None
     # The typed settings models whose fields are this algorithm's hyperparameters (validated on construction and
     # when a checkpoint restores them).
     hyperparameter_models: ClassVar[tuple[type[BaseModel], ...]] = ()
@@ -140,6 +142,11 @@ class LLMAlgorithm(GenerationMixin):
         self.use_separate_reference_adapter = use_separate_reference_adapter
         self.accelerator = accelerator
         self.dist = Distributed(accelerator)  # refuses a multi-process launch this accelerator cannot see
+        if self.dist.zero_stage == 3 and self.zero3_unsupported:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not run under DeepSpeed ZeRO-3 yet: {self.zero3_unsupported} Use data "
+                "parallel (configs/accelerate/ddp.yaml) or ZeRO-2 (configs/accelerate/zero2.yaml)."
+            )
         self.engine: Any | None = None  # the DeepSpeed engine, once wrapped under DeepSpeed
         self.device = torch.device(accelerator.device if accelerator is not None else device)
         self.seed = seed

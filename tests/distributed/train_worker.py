@@ -4,7 +4,8 @@ Usage: train_worker.py BACKEND MODEL_DIR OUT_DIR
   BACKEND  single (no launcher) | ddp | zero2 | zero3
 
 What it does, on every backend:
-  invariance  GRPO (whitened advantages, KL to the reference) and REINFORCE (batch-normalised returns) learn for
+  invariance  GRPO (whitened advantages, KL to the reference), REINFORCE (batch-normalised returns) and PPO
+              (whitened GAE advantages, critic adapter + value head) learn for
               3 steps from one fixed global batch of 8 rows, each rank holding its contiguous share, under a
               cosine LR schedule; with micro-batches of 2 (gradient accumulation) and of the whole share.
               Writes the per-step losses, gradient norms and LRs, and the final adapters (rank 0).
@@ -69,6 +70,11 @@ def make_accelerator_for(backend: str):
     return make_accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=int(backend[-1])))
 
 
+def is_zero3(accelerator) -> bool:
+    plugin = None if accelerator is None else getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and int(plugin.zero_stage) == 3
+
+
 def global_batch(seed: int = 0):
     """The same 8 rows on every rank: (ids, action mask, rewards (2 groups of 4))."""
     generator = torch.Generator().manual_seed(seed)
@@ -99,7 +105,10 @@ def invariance(accelerator, model_dir, tokenizer, out: Path, rank: int, world: i
     for name, cls, extra in (
         ("grpo", GRPO, {"group_size": GROUP, "beta": 0.05, "whiten_advantages": True}),
         ("reinforce", LLMReinforce, {"beta": 0.05}),
+        ("ppo", LLMPPO, {"beta": 0.05}),  # whitened GAE advantages; the value head trains with the adapters
     ):
+        if name == "ppo" and is_zero3(accelerator):
+            continue  # PPO refuses ZeRO-3 (checked by zero3_refusals)
         for micro in (2, share):
             agent = cls(
                 tokenizer.pad_token_id,
@@ -159,6 +168,8 @@ def algorithms(accelerator, model_dir, tokenizer, rank: int) -> dict:
     }
     rollout = {"max_output_tokens": 3, "beta": 0.05, "group_size": 2, "batch_size": 4}
     for name, cls in (("grpo", GRPO), ("ppo", LLMPPO), ("reinforce", LLMReinforce)):
+        if cls is LLMPPO and is_zero3(accelerator):
+            continue  # refused under ZeRO-3 (zero3_refusals)
         network = AutoModelForCausalLM.from_pretrained(model_dir)
         agent = cls(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=network, **rollout, **common)
         env = RecordingGym(QUESTIONS[:24], QUESTIONS[24:29], tokenizer, reward, data_batch_size_per_gpu=2, seed=1)
@@ -243,11 +254,16 @@ def main() -> None:
         result["algorithms"] = algorithms(accelerator, model_dir, tokenizer, rank)
     if backend in ("ddp", "zero2"):
         result["population"] = population(accelerator, model_dir, tokenizer)
-    if backend == "zero3":  # populations are refused there, with a message saying what to use instead
+    if backend == "zero3":  # populations and PPO are refused there, with a message saying what to use instead
         try:
             population(accelerator, model_dir, tokenizer)
         except NotImplementedError as error:
             result["population_error"] = str(error)
+        try:
+            LLMPPO(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
+                   accelerator=accelerator, gradient_checkpointing=False)  # fmt: skip
+        except NotImplementedError as error:
+            result["ppo_error"] = str(error)
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result))
 
