@@ -91,8 +91,6 @@ def test_two_ranks_with_half_the_rows_each_take_the_one_process_step(runs, backe
         "run                  | step | loss (1 proc)      | loss (2 procs)     | grad norm (1)  | grad norm (2)  | lr"
     )
     for run in INVARIANCE_RUNS:
-        if run.startswith("ppo") and backend == "zero3":
-            continue  # PPO refuses ZeRO-3 (test_ppo_is_refused_under_zero3)
         tol = tolerance(backend, run)
         assert multi[run]["ranks_agree"], f"{run}: the two ranks ended with different adapters"
         for step, (one, two) in enumerate(zip(single[run]["steps"], multi[run]["steps"], strict=True), start=1):
@@ -119,7 +117,7 @@ def test_ranks_seeded_differently_start_from_the_same_adapters(runs, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_accumulation_changes_nothing(runs, backend):
     """Micro-batches of 2 (two backward passes per optimizer step on each rank) == one micro-batch per rank."""
-    for algorithm in ("grpo", "reinforce", "ppo") if backend != "zero3" else ("grpo", "reinforce"):
+    for algorithm in ("grpo", "reinforce", "ppo"):
         tol = tolerance(backend, algorithm)
         accumulated = load_file(str(runs[backend] / f"{algorithm}_micro2.safetensors"))
         whole = load_file(str(runs[backend] / f"{algorithm}_microall.safetensors"))
@@ -131,9 +129,8 @@ def test_every_algorithm_trains_through_its_loop_and_the_ranks_agree(runs, backe
     """GRPO, PPO, REINFORCE (rollouts: generation under ZeRO-3 too), DPO and SFT: 3 steps and a held-out
     evaluation each; every rank ends with the same weights and the same held-out scores."""
     algorithms = result(runs, backend)["algorithms"]
-    expected = [name for name in ALGORITHMS if not (name == "ppo" and backend == "zero3")]
-    assert set(algorithms) == set(expected)
-    for name in expected:
+    assert set(algorithms) == set(ALGORITHMS)
+    for name in ALGORITHMS:
         run = algorithms[name]
         assert run["ranks_agree"], f"{name}: ranks ended with different weights"
         assert run["evals_agree"], f"{name}: ranks recorded different held-out scores"
@@ -141,8 +138,7 @@ def test_every_algorithm_trains_through_its_loop_and_the_ranks_agree(runs, backe
         assert last["step"] == 3.0
         assert all(torch.isfinite(torch.tensor(value)) for value in last.values()), last
         assert ("eval/reward" if name in ("grpo", "ppo", "reinforce") else "eval/loss") in last
-    if backend != "zero3":
-        assert "loss/value" in algorithms["ppo"]["last"]
+    assert "loss/value" in algorithms["ppo"]["last"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,7 +157,7 @@ def test_ranks_serve_disjoint_prompts_covering_the_global_batches(runs, backend)
         ([order[4 * b + 2], order[4 * b + 3]] for b in range(4)),
     )
     expected = [sum(batches, []) for batches in expected]
-    for name in ("grpo", "ppo", "reinforce") if backend != "zero3" else ("grpo", "reinforce"):
+    for name in ("grpo", "ppo", "reinforce"):
         first, second = result(runs, backend)["algorithms"][name]["served"]
         assert not set(first) & set(second), f"{name}: a prompt was served to both ranks"
         assert [first, second] == expected
@@ -182,9 +178,11 @@ def test_populations_are_refused_under_zero3_with_what_to_use_instead(runs):
     assert "not supported under DeepSpeed ZeRO-3" in message and "zero2.yaml" in message
 
 
-def test_ppo_is_refused_under_zero3_with_what_to_use_instead(runs):
+def test_ppo_with_activation_checkpointing_is_refused_under_zero3(runs):
+    """PPO's two backward passes (needed with activation checkpointing) get wrong gradients under ZeRO-3; with one
+    pass (gradient_checkpointing=False, as in the runs above) PPO matches one process there."""
     message = result(runs, "zero3")["ppo_error"]
-    assert "LLMPPO does not run under DeepSpeed ZeRO-3" in message and "zero2.yaml" in message
+    assert "gradient_checkpointing=True" in message and "gradient_checkpointing=False" in message
 
 
 # ---------------------------------------------------------------------------------------------- crash and resume

@@ -94,8 +94,7 @@ class LLMAlgorithm(GenerationMixin):
     """
 
     uses_critic: ClassVar[bool] = False
-    # Why this algorithm refuses DeepSpeed ZeRO-3, or None when it runs there.
-    zero3_unsupported: ClassVar[str | None] = None
+
     # The typed settings models whose fields are this algorithm's hyperparameters (validated on construction and
     # when a checkpoint restores them).
     hyperparameter_models: ClassVar[tuple[type[BaseModel], ...]] = ()
@@ -142,11 +141,6 @@ class LLMAlgorithm(GenerationMixin):
         self.use_separate_reference_adapter = use_separate_reference_adapter
         self.accelerator = accelerator
         self.dist = Distributed(accelerator)  # refuses a multi-process launch this accelerator cannot see
-        if self.dist.zero_stage == 3 and self.zero3_unsupported:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not run under DeepSpeed ZeRO-3 yet: {self.zero3_unsupported} Use data "
-                "parallel (configs/accelerate/ddp.yaml) or ZeRO-2 (configs/accelerate/zero2.yaml)."
-            )
         self.engine: Any | None = None  # the DeepSpeed engine, once wrapped under DeepSpeed
         self.device = torch.device(accelerator.device if accelerator is not None else device)
         self.seed = seed
@@ -154,6 +148,11 @@ class LLMAlgorithm(GenerationMixin):
         self.cast_logprobs_to_fp32 = cast_logprobs_to_fp32
         self.fused_logprobs_chunk_rows = fused_logprobs_chunk_rows
         self.calc_position_embeddings = calc_position_embeddings
+        if self.dist.zero_stage == 3 and (reason := self.zero3_refusal()):
+            raise NotImplementedError(
+                f"{type(self).__name__} does not run under DeepSpeed ZeRO-3 {reason} Or use data parallel "
+                "(configs/accelerate/ddp.yaml) or ZeRO-2 (configs/accelerate/zero2.yaml)."
+            )
         self.reference_update_tracker = 0
         # Bumped whenever the trainable weights change (an optimizer step, a checkpoint load): a rollout engine
         # with its own copy of the weights syncs when it last saw another version (rollout/base.py).
@@ -174,6 +173,10 @@ class LLMAlgorithm(GenerationMixin):
         self._build_optimizer()
         if accelerator is not None and wrap:
             self.wrap_models()
+
+    def zero3_refusal(self) -> str | None:
+        """Why this agent, as configured, cannot run under DeepSpeed ZeRO-3 (None: it can)."""
+        return None
 
     # ------------------------------------------------------------------------------------------ adapters
     def adapter_names(self) -> tuple[str, ...]:

@@ -69,13 +69,18 @@ class LLMPPO(LLMAlgorithm):
 
     uses_critic = True
     hyperparameter_models = (PPOSettings, SamplingSettings)
-    # Measured (tests/test_distributed_training.py): under ZeRO-3 the first optimizer step matches one process but
-    # from the second on the gradient does not (norm 1.48 vs 0.98), only when the critic's loss contributes; data
-    # parallel and ZeRO-2 match. Refused rather than trained wrong until it is understood.
-    zero3_unsupported = (
-        "its two backward passes per micro-batch (actor, then critic adapter + value head) get wrong gradients "
-        "from the second optimizer step on under ZeRO-3."
-    )
+
+    def zero3_refusal(self) -> str | None:
+        # Measured (tests/test_distributed_training.py): with two backward passes per micro-batch through different
+        # adapters, ZeRO-3's second optimizer step gets a wrong gradient (norm 1.48 vs 0.98 in one process); with one
+        # backward it matches. Two passes are needed only with activation checkpointing (see _optimise_mini_batch).
+        if self.gradient_checkpointing:
+            return (
+                "with gradient_checkpointing=True: its two backward passes per micro-batch (actor, then critic) get "
+                "wrong gradients there from the second optimizer step on; pass gradient_checkpointing=False (one "
+                "backward pass, which ZeRO-3 gets right)."
+            )
+        return None
 
     def __init__(
         self,
@@ -237,9 +242,12 @@ class LLMPPO(LLMAlgorithm):
                 beta=0.0,
                 num_tokens_normalizer=normalizer,
             )
-            self._backward(policy.loss)
-            # The critic's backward runs while its adapter is active: activation checkpointing recomputes
-            # the forward in backward, with whichever adapter is active then.
+            # With activation checkpointing each backward must run while its own adapter is active (the forward is
+            # recomputed in backward with whichever adapter is active then): two passes. Without it one backward
+            # serves both losses (each forward's graph already holds the adapter it ran with).
+            two_passes = self.gradient_checkpointing
+            if two_passes:
+                self._backward(policy.loss)
             with self.select_adapter(CRITIC):
                 values = self._critic_forward(micro.completion_ids, micro.attention_mask)
                 value_loss = clipped_value_loss(
@@ -250,7 +258,7 @@ class LLMPPO(LLMAlgorithm):
                     self.cliprange_value,
                     normalizer,
                 )
-                self._backward(self.vf_coef * value_loss)
+                self._backward(self.vf_coef * value_loss if two_passes else policy.loss + self.vf_coef * value_loss)
             sums["mean_loss"] += float(policy.loss.detach() + self.vf_coef * value_loss.detach())
             sums["policy_loss"] += float(policy.policy_loss)
             sums["value_loss"] += float(value_loss.detach())

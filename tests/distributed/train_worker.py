@@ -107,8 +107,6 @@ def invariance(accelerator, model_dir, tokenizer, out: Path, rank: int, world: i
         ("reinforce", LLMReinforce, {"beta": 0.05}),
         ("ppo", LLMPPO, {"beta": 0.05}),  # whitened GAE advantages; the value head trains with the adapters
     ):
-        if name == "ppo" and is_zero3(accelerator):
-            continue  # PPO refuses ZeRO-3 (checked by zero3_refusals)
         for micro in (2, share):
             agent = cls(
                 tokenizer.pad_token_id,
@@ -168,8 +166,6 @@ def algorithms(accelerator, model_dir, tokenizer, rank: int) -> dict:
     }
     rollout = {"max_output_tokens": 3, "beta": 0.05, "group_size": 2, "batch_size": 4}
     for name, cls in (("grpo", GRPO), ("ppo", LLMPPO), ("reinforce", LLMReinforce)):
-        if cls is LLMPPO and is_zero3(accelerator):
-            continue  # refused under ZeRO-3 (zero3_refusals)
         network = AutoModelForCausalLM.from_pretrained(model_dir)
         agent = cls(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=network, **rollout, **common)
         env = RecordingGym(QUESTIONS[:24], QUESTIONS[24:29], tokenizer, reward, data_batch_size_per_gpu=2, seed=1)
@@ -254,14 +250,14 @@ def main() -> None:
         result["algorithms"] = algorithms(accelerator, model_dir, tokenizer, rank)
     if backend in ("ddp", "zero2"):
         result["population"] = population(accelerator, model_dir, tokenizer)
-    if backend == "zero3":  # populations and PPO are refused there, with a message saying what to use instead
+    if backend == "zero3":  # populations, and PPO with checkpointing, are refused there, saying what to use instead
         try:
             population(accelerator, model_dir, tokenizer)
         except NotImplementedError as error:
             result["population_error"] = str(error)
         try:
             LLMPPO(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
-                   accelerator=accelerator, gradient_checkpointing=False)  # fmt: skip
+                   accelerator=accelerator, gradient_checkpointing=True)  # fmt: skip
         except NotImplementedError as error:
             result["ppo_error"] = str(error)
     if rank == 0:
