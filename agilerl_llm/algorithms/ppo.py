@@ -8,9 +8,10 @@ One learning step (``LLMPPO.learn``), top to bottom:
 3. GAE over the generated tokens only (``advantages.gae`` with ``gamma``, ``gae_lambda``), giving advantages
    and value targets; advantages are optionally whitened over the batch's action tokens;
 4. for each epoch, for each mini-batch, for each micro-batch: actor log-probs with grad -> clipped surrogate
-   (``losses.grpo_policy_loss``, the KL already in the reward) -> backward; critic values with grad ->
-   ``vf_coef`` x clipped value loss (``losses.clipped_value_loss``, ``cliprange_value``) -> backward; then one
-   clipped optimizer step. The two backward passes sum to the gradient of ``policy + vf_coef * value``.
+   (``losses.grpo_policy_loss``, the KL already in the reward); critic values with grad -> ``vf_coef`` x clipped
+   value loss (``losses.clipped_value_loss``, ``cliprange_value``); one backward of ``policy + vf_coef * value``
+   (with activation checkpointing, two: each loss's backward while its own adapter is active); then one clipped
+   optimizer step.
 
 Where we deviate from classic RLHF PPO (Ouyang et al. 2022): the per-token KL penalty is the k3 estimator,
 the package's one KL estimator, instead of the log-ratio; the value head reads the critic adapter's final
