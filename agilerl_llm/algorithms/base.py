@@ -34,7 +34,7 @@ from agilerl_llm.algorithms.generation import GenerationMixin
 from agilerl_llm.checkpoint.agent import apply_state
 from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
 from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
-from agilerl_llm.checkpoint.state import AgentState, CheckpointModule, capture_state
+from agilerl_llm.checkpoint.state import AgentState, CheckpointModule, capture_state, lora_parameters
 from agilerl_llm.distributed import Distributed
 from agilerl_llm.evolution.hyperparameters import HyperparameterConfig, as_hyperparameter_config
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
@@ -330,8 +330,11 @@ class LLMAlgorithm(GenerationMixin):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer trains: the trainable adapters and any extra trainable module (PPO's value head)."""
-        extra = [p for spec in self.checkpoint_modules().values() for p in spec.module.parameters()]
-        return self.adapters.trainable_parameters() + extra
+        return self.adapters.trainable_parameters() + self._extra_module_parameters()
+
+    def _extra_module_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of the modules besides the adapters (``checkpoint_modules``: PPO's value head)."""
+        return [p for spec in self.checkpoint_modules().values() for p in spec.module.parameters()]
 
     def _build_optimizer(self) -> None:
         self.optimizer = build_optimizer(self.trainable_parameters(), self.lr)
@@ -385,14 +388,12 @@ class LLMAlgorithm(GenerationMixin):
         """
         if self.accelerator is None or self.engine is not None:
             return
-        adapters = [p for name in self.adapter_names() for p in self.adapters.parameters(name)]
-        extra = [p for spec in self.checkpoint_modules().values() for p in spec.module.parameters()]
         self.policy_forward, self.optimizer, self.engine = self.dist.prepare(
             self.policy_forward,
             self.optimizer,
             micro_batch_size=self.micro_batch_size_per_gpu,
             max_grad_norm=self.max_grad_norm,
-            replicated=adapters + extra,
+            replicated=lora_parameters(self) + self._extra_module_parameters(),
         )
 
     def unwrap_models(self) -> None:

@@ -47,8 +47,8 @@ def run_update_epochs(
     """
     global_rows = num_rows
     if agent is not None:
-        check_equal_rows(agent, num_rows)
         global_rows = agent.dist.max_int(num_rows)
+        check_equal_rows(agent, num_rows, global_rows)
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(update_epochs):
@@ -60,12 +60,12 @@ def run_update_epochs(
     return {key: value / steps for key, value in totals.items()}
 
 
-def check_equal_rows(agent: LLMAlgorithm, num_rows: int) -> None:
+def check_equal_rows(agent: LLMAlgorithm, num_rows: int, most: int) -> None:
     """Under DeepSpeed with several processes, refuse ranks holding different numbers of rows (their forward and
-    backward passes are collectives that would wait on each other forever)."""
+    backward passes are collectives that would wait on each other forever). ``most``: the largest ``num_rows``."""
     if agent.dist.backend != DEEPSPEED or agent.dist.world_size == 1:
         return
-    most, fewest = agent.dist.max_int(num_rows), -agent.dist.max_int(-num_rows)
+    fewest = -agent.dist.max_int(-num_rows)
     if most != fewest:
         raise ValueError(
             f"under DeepSpeed every process must learn from the same number of rows; they hold {fewest} to {most}. "

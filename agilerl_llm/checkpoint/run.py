@@ -551,6 +551,7 @@ class CheckpointManager:
         indices = state.get("agent_indices") or []
         saved_world = int(state.get("world_size", 1))
         same_world = saved_world == self._world_size
+        fresh_optimizers = []  # members whose DeepSpeed optimizer state cannot follow to another world size
         for i, (agent, agent_state) in enumerate(zip(pop, agent_states, strict=True)):
             # ZeRO's optimizer state is partitioned per process and DeepSpeed cannot re-partition it for another
             # number of processes: the adapters and the LR schedule load, the optimizer starts afresh (said below).
@@ -562,18 +563,10 @@ class CheckpointManager:
                 overwrite_critic_adapter=True,
             )
             if repartition:
+                fresh_optimizers.append(i)
                 schedule = agent_state.payload.get("lr_scheduler")
                 if schedule is not None and agent.lr_scheduler is not None:
                     agent.lr_scheduler.load_state_dict(schedule)
-                if self._is_main:
-                    warnings.warn(
-                        f"{folder}: member {i}'s DeepSpeed optimizer state is partitioned over {saved_world} "
-                        f"process(es) and DeepSpeed cannot load it on {self._world_size}; its adapters and LR schedule "
-                        "are restored and the optimizer (Adam moments) starts afresh. Resume on the same world size "
-                        "to keep them.",
-                        UserWarning,
-                        stacklevel=3,
-                    )
             if i < len(indices):  # evolution renumbers members; the agent checkpoint leaves index alone
                 agent.index = int(indices[i])
         if env is not None and state.get("env_state") is not None:
@@ -585,12 +578,19 @@ class CheckpointManager:
         plain = per_rank[self._rank] if same_world and per_rank and self._rank < len(per_rank) else state["rng"]
         restore_rng(load_file(str(rng_file)), plain)
         if not same_world and self._is_main:
+            optimizer_note = (
+                f" Members {fresh_optimizers}: their DeepSpeed optimizer state is partitioned over {saved_world} "
+                f"process(es) and DeepSpeed cannot load it on {self._world_size}, so the optimizer (Adam moments) "
+                "starts afresh."
+                if fresh_optimizers
+                else ""
+            )
             warnings.warn(
                 f"{folder} was saved by {saved_world} process(es) and is resumed by {self._world_size}: the adapters, "
                 "the LR schedule, the data position and the optimizer state (unless DeepSpeed partitioned it) are "
-                "restored, but the per-process random "
-                "streams cannot be mapped onto another number of processes, so sampling (and anything random) differs "
-                "from an uninterrupted run. Resume on the same world size for an exact continuation.",
+                "restored, but the per-process random streams cannot be mapped onto another number of processes, so "
+                "sampling (and anything random) differs from an uninterrupted run." + optimizer_note + " Resume on "
+                "the same world size for an exact continuation.",
                 UserWarning,
                 stacklevel=3,
             )
