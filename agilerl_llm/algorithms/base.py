@@ -40,7 +40,9 @@ from agilerl_llm.evolution.hyperparameters import HyperparameterConfig, as_hyper
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
 from agilerl_llm.model.forward import HiddenStatesModel, enable_activation_checkpointing
 from agilerl_llm.model.logprobs import fused_logprobs
+from agilerl_llm.model.sampling_logprobs import processed_logprobs
 from agilerl_llm.optim import CosineLRScheduleConfig, build_lr_scheduler, build_optimizer, set_learning_rate
+from agilerl_llm.rollout.base import SamplingSettings
 
 # Attributes that hold collaborators (networks, optimizer, accelerator, hooks), not hyperparameters.
 _COLLABORATORS = frozenset(
@@ -171,6 +173,8 @@ class LLMAlgorithm(GenerationMixin):
         self.actor = self.adapters.model.to(self.device)
         self.policy_forward = self.make_policy_forward(self.actor)
         self._build_optimizer()
+        if "rollout_engine" in self.__dict__:
+            self.rollout_engine.attach(self)
         if accelerator is not None and wrap:
             self.wrap_models()
 
@@ -242,6 +246,7 @@ class LLMAlgorithm(GenerationMixin):
         temperature: float = 1.0,
         requires_grad: bool = False,
         return_entropy: bool = False,
+        sampling: SamplingSettings | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of each next token: (B, S) ids -> (B, S-1) log-probs [, entropies].
 
@@ -251,7 +256,11 @@ class LLMAlgorithm(GenerationMixin):
             temperature: the logits are divided by it, matching how the tokens were sampled.
             requires_grad: keep the graph for backward (training forward); otherwise runs under no_grad in
                 micro-batches of ``micro_batch_size_per_gpu`` rows.
+            sampling: score under the sampling distribution instead (its temperature, then min-p, top-k and top-p,
+                renormalised: ``model/sampling_logprobs.py``), as vLLM reports it; no grad, no entropy.
         """
+        if sampling is not None and (requires_grad or return_entropy):
+            raise ValueError("get_logprobs(sampling=...) scores the sampling distribution without grad or entropy.")
         if requires_grad:
             with self._policy_context(policy):
                 return self._forward_logprobs(input_ids, attention_mask, temperature, return_entropy)
@@ -260,7 +269,7 @@ class LLMAlgorithm(GenerationMixin):
             for start in range(0, input_ids.shape[0], self.micro_batch_size_per_gpu):
                 rows = slice(start, start + self.micro_batch_size_per_gpu)
                 chunks.append(
-                    self._forward_logprobs(input_ids[rows], attention_mask[rows], temperature, return_entropy)
+                    self._forward_logprobs(input_ids[rows], attention_mask[rows], temperature, return_entropy, sampling)
                 )
         if return_entropy:
             return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
@@ -279,7 +288,12 @@ class LLMAlgorithm(GenerationMixin):
                 yield
 
     def _forward_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float, return_entropy: bool
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        temperature: float,
+        return_entropy: bool,
+        sampling: SamplingSettings | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         # Columns that are padding in every row (the batch's shared left/right padding) are skipped; the
@@ -288,6 +302,21 @@ class LLMAlgorithm(GenerationMixin):
         first, last = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, input_ids.shape[1])
         hidden = self.policy_forward(input_ids[:, first:last], attention_mask[:, first:last])
         weight, bias = self._output_head()
+        padding = (first, input_ids.shape[1] - last)
+        if sampling is not None:
+            result = processed_logprobs(
+                hidden[:, :-1],
+                weight,
+                input_ids[:, first + 1 : last],
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                min_p=sampling.min_p,
+                bias=bias,
+                chunk_rows=self.fused_logprobs_chunk_rows,
+            )
+            # -inf (a token outside the trainer's kept set) stays -inf; padding is 0 like everywhere else
+            return torch.nn.functional.pad(result, padding)
         result = fused_logprobs(
             hidden[:, :-1],
             weight,
@@ -298,7 +327,6 @@ class LLMAlgorithm(GenerationMixin):
             cast_logprobs_to_fp32=self.cast_logprobs_to_fp32,
             return_entropy=return_entropy,
         )
-        padding = (first, input_ids.shape[1] - last)
         if return_entropy:
             return tuple(torch.nn.functional.pad(r, padding) for r in result)
         return torch.nn.functional.pad(result, padding)

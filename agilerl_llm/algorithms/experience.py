@@ -25,6 +25,7 @@ class Experience:
         rewards: (N,) per row, or (N, K) per turn.
         advantages, old_logprobs, ref_logprobs: (N, T) once computed.
         turn_ids: (N, T) int64 turn index per action token (-1 elsewhere), when given.
+        token_weights: (N, T) rollout/trainer mismatch weights (vLLM), when the engine reported sampling log-probs.
     """
 
     completion_ids: torch.Tensor
@@ -35,6 +36,7 @@ class Experience:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     turn_ids: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -90,6 +92,37 @@ class Experience:
     def to(self, device: torch.device) -> Experience:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return Experience(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+
+def place_on_action_tokens(
+    per_row: list[torch.Tensor | None], action_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row values of the generated tokens (1-D, in generation order) laid onto the (N, T) action positions.
+
+    Args:
+        per_row: N entries, each a 1-D tensor with one value per action token of its row, or None.
+        action_mask: (N, T) bool.
+
+    Returns:
+        (N, T) float values (0 off the action tokens and on rows given None) and (N,) bool: the rows given values.
+    """
+    rows = action_mask.shape[0]
+    if len(per_row) != rows:
+        raise ValueError(f"sampling_logps has {len(per_row)} rows but the batch has {rows}; pass one entry per row.")
+    placed = torch.zeros(action_mask.shape, dtype=torch.float32, device=action_mask.device)
+    given = torch.zeros(rows, dtype=torch.bool, device=action_mask.device)
+    for row, values in enumerate(per_row):
+        if values is None:
+            continue
+        positions = action_mask[row].nonzero().squeeze(-1)
+        if values.numel() != positions.numel():
+            raise ValueError(
+                f"sampling_logps[{row}] has {values.numel()} values but row {row} has {positions.numel()} action "
+                "tokens; pass the sampling log-probs of exactly the generated tokens."
+            )
+        placed[row, positions] = values.to(placed.device, torch.float32)
+        given[row] = True
+    return placed, given
 
 
 def micro_batches(batch: Experience, size: int) -> Iterator[Experience]:

@@ -12,21 +12,43 @@ from __future__ import annotations
 import warnings
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym
 from agilerl_llm.model.adapters import ACTOR
 from agilerl_llm.rollout.base import ActionResult, RolloutEngine, SamplingSettings
 from agilerl_llm.rollout.hf import HFRolloutEngine
+from agilerl_llm.rollout.vllm import RolloutRequest, VLLMConfig, VLLMRolloutEngine
+
+
+class RolloutCorrectionSettings(BaseModel):
+    """The rollout-engine settings that are plain hyperparameters (checkpoints carry them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    use_vllm: bool = False
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_cap: float = Field(default=2.0, gt=0.0)
+    use_memory_efficient_params: bool = True
 
 
 class GenerationMixin:
     """Rollouts and held-out evaluation with the actor adapter (mixed into ``LLMAlgorithm``)."""
 
     def _store_generation_settings(
-        self, *, hf_generate_chunk_size: int | None, use_liger_loss: bool, **sampling: object
+        self,
+        *,
+        hf_generate_chunk_size: int | None,
+        use_liger_loss: bool,
+        use_vllm: bool = False,
+        vllm_config: VLLMConfig | None = None,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_cap: float = 2.0,
+        use_memory_efficient_params: bool = True,
+        **sampling: object,
     ) -> None:
         """Validate and keep the rollout settings shared by every algorithm that generates (GRPO, REINFORCE, PPO)
-        as plain attributes, so evolution can mutate them and checkpoints carry them."""
+        as plain attributes, so evolution can mutate them and checkpoints carry them; pick the rollout engine."""
         if hf_generate_chunk_size is not None and hf_generate_chunk_size < 1:
             raise ValueError(f"hf_generate_chunk_size must be >= 1 or None, got {hf_generate_chunk_size}.")
         if use_liger_loss:
@@ -35,10 +57,23 @@ class GenerationMixin:
                 UserWarning,
                 3,
             )
+        if vllm_config is not None and not use_vllm:
+            raise ValueError("vllm_config is given but use_vllm=False; pass use_vllm=True to generate with vLLM.")
+        if vllm_config is not None and not isinstance(vllm_config, VLLMConfig):
+            vllm_config = VLLMConfig(**dict(vllm_config))  # a mapping (run configs): validated field by field
         self.__dict__.update(SamplingSettings(**sampling).model_dump())
+        self.__dict__.update(
+            RolloutCorrectionSettings(
+                use_vllm=use_vllm,
+                vllm_importance_sampling_correction=vllm_importance_sampling_correction,
+                vllm_importance_sampling_cap=vllm_importance_sampling_cap,
+                use_memory_efficient_params=use_memory_efficient_params,
+            ).model_dump()
+        )
         self.hf_generate_chunk_size = hf_generate_chunk_size
         self.use_liger_loss = use_liger_loss
-        self.rollout_engine: RolloutEngine = HFRolloutEngine()
+        self.vllm_config = vllm_config or (VLLMConfig() if use_vllm else None)
+        self.rollout_engine: RolloutEngine = VLLMRolloutEngine(self.vllm_config) if use_vllm else HFRolloutEngine()
 
     def sampling_settings(self) -> SamplingSettings:
         """The training-rollout sampling settings, read from the (mutable) hyperparameter attributes."""
@@ -60,11 +95,7 @@ class GenerationMixin:
             repeat_prompts: with ``training``, repeat each prompt ``group_size`` times; False treats every
                 row as its own trajectory (one completion each).
         """
-        prompt_ids, prompt_mask = (
-            (obs.input_ids, obs.attention_mask)
-            if isinstance(obs, PromptBatch)
-            else (obs["input_ids"], obs["attention_mask"])
-        )
+        prompt_ids, prompt_mask = _prompt_tensors(obs)
         group_size = getattr(self, "group_size", 1) if training and repeat_prompts else 1
         self.set_training_mode(False)
         with self.select_adapter(ACTOR):
@@ -101,3 +132,43 @@ class GenerationMixin:
             all_rewards = all_rewards[counted][torch.argsort(keys[counted], stable=True)]
         self.fitness.append(float(all_rewards.mean()))
         return all_rewards
+
+
+def _prompt_tensors(obs: PromptBatch | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(obs, PromptBatch):
+        return obs.input_ids, obs.attention_mask
+    return obs["input_ids"], obs["attention_mask"]
+
+
+def population_actions(
+    pop: list, obs: PromptBatch | dict[str, torch.Tensor], training: bool = True
+) -> list[ActionResult]:
+    """``agent.get_action(obs, training)`` for every member, in order, with one batched call per shared engine.
+
+    Members whose engine batches across agents (vLLM: a population on one engine) are served by ONE
+    ``generate_many`` call; the others (HuggingFace generate) one by one. Each member samples from its own actor.
+    """
+    results: dict[int, ActionResult] = {}
+    groups: dict[int, list[int]] = {}
+    for position, agent in enumerate(pop):
+        engine = agent.rollout_engine
+        if hasattr(engine, "generate_many"):
+            groups.setdefault(id(engine), []).append(position)
+        else:
+            results[position] = agent.get_action(obs, training=training)
+    prompt_ids, prompt_mask = _prompt_tensors(obs)
+    for positions in groups.values():
+        requests = [
+            RolloutRequest(
+                pop[p],
+                prompt_ids,
+                prompt_mask,
+                getattr(pop[p], "group_size", 1) if training else 1,
+                pop[p].sampling_settings(),
+                training,
+            )
+            for p in positions
+        ]
+        for position, result in zip(positions, pop[positions[0]].rollout_engine.generate_many(requests), strict=True):
+            results[position] = result
+    return [results[position] for position in range(len(pop))]

@@ -31,16 +31,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agilerl_llm.advantages import compute_grpo_token_advantages, nonzero_advantage_rows, resolve_advantage_granularity
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
-from agilerl_llm.algorithms.updates import policy_gradient_step, run_update_epochs, with_behaviour_logprobs
+from agilerl_llm.algorithms.generation import RolloutCorrectionSettings
+from agilerl_llm.algorithms.updates import (
+    mismatch_metrics,
+    policy_gradient_step,
+    run_update_epochs,
+    with_behaviour_logprobs,
+    with_mismatch_weights,
+)
 from agilerl_llm.distributed import DEEPSPEED
 from agilerl_llm.losses import resolve_clip_bounds, resolve_importance_sampling_level
 from agilerl_llm.rollout.base import SamplingSettings
+from agilerl_llm.rollout.vllm import VLLMConfig
 
 # Constructor arguments of features that arrive in later releases (GPU-only paths). Passing a
 # non-default value raises instead of silently training without the feature.
 _NOT_YET_AVAILABLE = {
-    "use_vllm": False,
-    "vllm_config": None,
     "quantization_config": None,
     "torch_compiler": None,
     "lora_target_scope": None,
@@ -65,8 +71,6 @@ class GRPOSettings(BaseModel):
     filter_zero_adv: bool = False
     adv_filter_eps: float = Field(default=0.0, ge=0.0)
     use_kl_advantage_shaping: bool = False
-    vllm_importance_sampling_correction: bool = True
-    vllm_importance_sampling_cap: float = Field(default=2.0, gt=0.0)
 
     @model_validator(mode="after")
     def _check_clip_coef(self) -> GRPOSettings:
@@ -83,7 +87,7 @@ class GRPO(LLMAlgorithm):
     """
 
     default_loss_type = "grpo"
-    hyperparameter_models = (GRPOSettings, SamplingSettings)
+    hyperparameter_models = (GRPOSettings, SamplingSettings, RolloutCorrectionSettings)
 
     def __init__(
         self,
@@ -121,6 +125,8 @@ class GRPO(LLMAlgorithm):
         reduce_memory_peak: bool | None = None,
         vllm_importance_sampling_correction: bool = True,
         vllm_importance_sampling_cap: float = 2.0,
+        use_vllm: bool = False,
+        vllm_config: VLLMConfig | None = None,
         **base_kwargs: Any,
     ) -> None:
         if loss_type is not None and type(self) is not GRPO and loss_type != self.default_loss_type:
@@ -149,8 +155,6 @@ class GRPO(LLMAlgorithm):
             filter_zero_adv=filter_zero_adv,
             adv_filter_eps=adv_filter_eps,
             use_kl_advantage_shaping=use_kl_advantage_shaping,
-            vllm_importance_sampling_correction=vllm_importance_sampling_correction,
-            vllm_importance_sampling_cap=vllm_importance_sampling_cap,
         )
         level, message = resolve_importance_sampling_level(settings.loss_type, settings.importance_sampling_level)
         if message:
@@ -160,6 +164,11 @@ class GRPO(LLMAlgorithm):
         self._store_generation_settings(
             hf_generate_chunk_size=hf_generate_chunk_size,
             use_liger_loss=use_liger_loss,
+            use_vllm=use_vllm,
+            vllm_config=vllm_config,
+            vllm_importance_sampling_correction=vllm_importance_sampling_correction,
+            vllm_importance_sampling_cap=vllm_importance_sampling_cap,
+            use_memory_efficient_params=use_memory_efficient_params,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
@@ -171,7 +180,6 @@ class GRPO(LLMAlgorithm):
         )
         self.fused_loss_chunk_rows = fused_loss_chunk_rows
         self.use_sequence_packing = use_sequence_packing  # inert without a FlashAttention-2 / Flex backend
-        self.use_memory_efficient_params = use_memory_efficient_params  # inert without colocated vLLM
         self.activation_offload = activation_offload
         self.fitness: list[float] = []
         super().__init__(pad_token_id, pad_token, **base_kwargs)
@@ -201,14 +209,11 @@ class GRPO(LLMAlgorithm):
 
         Returns:
             ``mean_loss`` and ``mean_kl`` (per optimizer step, averaged), plus ``clip_fraction``, ``entropy``,
-            ``grad_norm``, ``ratio_mean``, ``rows_kept`` and ``lr``.
+            ``grad_norm``, ``ratio_mean``, ``rows_kept`` and ``lr``; with ``sampling_logps``, ``is_weight_mean`` (the
+            mean vLLM mismatch weight on action tokens).
         """
         batch = Experience.from_input(experiences, self.pad_token_id, self.device)
-        if sampling_logps is not None:
-            raise NotImplementedError(
-                "sampling_logps (the vLLM mismatch correction) needs the vLLM rollout engine, "
-                "which is not available in this release; pass sampling_logps=None."
-            )
+        batch = with_mismatch_weights(self, batch, sampling_logps)
         granularity = resolve_advantage_granularity(self.advantage_granularity, self.importance_sampling_level)
         if granularity == "turn" and (turn_ids is None or batch.rewards.dim() != 2):
             warnings.warn(
@@ -254,12 +259,16 @@ class GRPO(LLMAlgorithm):
             ),
             agent=self,
         )
-        return metrics | {
-            "mean_loss": metrics.pop("loss"),
-            "mean_kl": metrics.pop("kl"),
-            "rows_kept": rows_kept,
-            "lr": self.optimizer.param_groups[0]["lr"],
-        }
+        return (
+            metrics
+            | mismatch_metrics(self, batch)
+            | {
+                "mean_loss": metrics.pop("loss"),
+                "mean_kl": metrics.pop("kl"),
+                "rows_kept": rows_kept,
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+        )
 
     def _drop_rows_without_signal(self, batch: Experience) -> Experience:
         """``filter_zero_adv``: rows whose advantages are all (near) zero leave the update.

@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agilerl_llm.advantages import gae, kl_penalised_token_rewards, whiten_token_advantages
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
-from agilerl_llm.algorithms.updates import run_update_epochs
+from agilerl_llm.algorithms.generation import RolloutCorrectionSettings
+from agilerl_llm.algorithms.updates import mismatch_metrics, run_update_epochs, with_mismatch_weights
 from agilerl_llm.checkpoint.state import CheckpointModule
 from agilerl_llm.distributed import is_partitioned
 from agilerl_llm.losses import clipped_value_loss, grpo_policy_loss, kl_k3, resolve_clip_bounds
@@ -38,6 +39,7 @@ from agilerl_llm.model.adapters import CRITIC
 from agilerl_llm.model.forward import HiddenStatesModel
 from agilerl_llm.model.value_head import ValueHead
 from agilerl_llm.rollout.base import SamplingSettings
+from agilerl_llm.rollout.vllm import VLLMConfig
 
 
 class PPOSettings(BaseModel):
@@ -69,7 +71,7 @@ class LLMPPO(LLMAlgorithm):
     """
 
     uses_critic = True
-    hyperparameter_models = (PPOSettings, SamplingSettings)
+    hyperparameter_models = (PPOSettings, SamplingSettings, RolloutCorrectionSettings)
 
     def zero3_refusal(self) -> str | None:
         # Measured (tests/test_distributed_training.py): with two backward passes per micro-batch through different
@@ -107,6 +109,11 @@ class LLMPPO(LLMAlgorithm):
         max_model_len: int = 1024,
         hf_generate_chunk_size: int | None = None,
         use_liger_loss: bool = False,
+        use_vllm: bool = False,
+        vllm_config: VLLMConfig | None = None,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_cap: float = 2.0,
+        use_memory_efficient_params: bool = True,
         **base_kwargs: Any,
     ) -> None:
         settings = PPOSettings(
@@ -124,6 +131,11 @@ class LLMPPO(LLMAlgorithm):
         self._store_generation_settings(
             hf_generate_chunk_size=hf_generate_chunk_size,
             use_liger_loss=use_liger_loss,
+            use_vllm=use_vllm,
+            vllm_config=vllm_config,
+            vllm_importance_sampling_correction=vllm_importance_sampling_correction,
+            vllm_importance_sampling_cap=vllm_importance_sampling_cap,
+            use_memory_efficient_params=use_memory_efficient_params,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
@@ -169,7 +181,7 @@ class LLMPPO(LLMAlgorithm):
         return self.policy_forward(input_ids.to(self.device), attention_mask.to(self.device), values=True)
 
     # ------------------------------------------------------------------------------------------ learning
-    def learn(self, experiences: Any) -> dict[str, float]:
+    def learn(self, experiences: Any, sampling_logps: list[torch.Tensor | None] | None = None) -> dict[str, float]:
         """One PPO update from ``(completion_ids, action_masks, rewards[, attention_mask])`` or an ``Experience``.
 
         Returns:
@@ -178,6 +190,7 @@ class LLMPPO(LLMAlgorithm):
             ``return_mean`` and ``lr``.
         """
         batch = Experience.from_input(experiences, self.pad_token_id, self.device)
+        batch = with_mismatch_weights(self, batch, sampling_logps)
         rewards = batch.rewards.sum(dim=1) if batch.rewards.dim() == 2 else batch.rewards
         mask = batch.action_mask
         self.set_training_mode(False)
@@ -211,12 +224,16 @@ class LLMPPO(LLMAlgorithm):
             }
         )
         num_actions = max(totals["actions"], 1.0)
-        return metrics | {
-            "mean_kl": totals["kl"] / num_actions,
-            "value_mean": totals["value"] / num_actions,
-            "return_mean": totals["return"] / num_actions,
-            "lr": self.optimizer.param_groups[0]["lr"],
-        }
+        return (
+            metrics
+            | mismatch_metrics(self, batch)
+            | {
+                "mean_kl": totals["kl"] / num_actions,
+                "value_mean": totals["value"] / num_actions,
+                "return_mean": totals["return"] / num_actions,
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+        )
 
     def _optimise_mini_batch(
         self, batch: Experience, old_values: torch.Tensor, returns: torch.Tensor, rows: torch.Tensor
@@ -242,6 +259,7 @@ class LLMPPO(LLMAlgorithm):
                 ratio_high=ratio_high,
                 beta=0.0,
                 num_tokens_normalizer=normalizer,
+                token_weights=micro.token_weights,
             )
             # With activation checkpointing each backward must run while its own adapter is active (the forward is
             # recomputed in backward with whichever adapter is active then): two passes. Without it one backward

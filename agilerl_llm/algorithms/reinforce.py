@@ -25,9 +25,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agilerl_llm.advantages import broadcast_to_tokens, return_batch_normalisation
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
-from agilerl_llm.algorithms.updates import policy_gradient_step, run_update_epochs, with_behaviour_logprobs
+from agilerl_llm.algorithms.generation import RolloutCorrectionSettings
+from agilerl_llm.algorithms.updates import (
+    mismatch_metrics,
+    policy_gradient_step,
+    run_update_epochs,
+    with_behaviour_logprobs,
+    with_mismatch_weights,
+)
 from agilerl_llm.losses import resolve_clip_bounds
 from agilerl_llm.rollout.base import SamplingSettings
+from agilerl_llm.rollout.vllm import VLLMConfig
 
 
 class ReinforceSettings(BaseModel):
@@ -56,7 +64,7 @@ class LLMReinforce(LLMAlgorithm):
     min_output_tokens, max_model_len).
     """
 
-    hyperparameter_models = (ReinforceSettings, SamplingSettings)
+    hyperparameter_models = (ReinforceSettings, SamplingSettings, RolloutCorrectionSettings)
 
     def __init__(
         self,
@@ -78,6 +86,11 @@ class LLMReinforce(LLMAlgorithm):
         max_model_len: int = 1024,
         hf_generate_chunk_size: int | None = None,
         use_liger_loss: bool = False,
+        use_vllm: bool = False,
+        vllm_config: VLLMConfig | None = None,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_cap: float = 2.0,
+        use_memory_efficient_params: bool = True,
         **base_kwargs: Any,
     ) -> None:
         settings = ReinforceSettings(
@@ -87,6 +100,11 @@ class LLMReinforce(LLMAlgorithm):
         self._store_generation_settings(
             hf_generate_chunk_size=hf_generate_chunk_size,
             use_liger_loss=use_liger_loss,
+            use_vllm=use_vllm,
+            vllm_config=vllm_config,
+            vllm_importance_sampling_correction=vllm_importance_sampling_correction,
+            vllm_importance_sampling_cap=vllm_importance_sampling_cap,
+            use_memory_efficient_params=use_memory_efficient_params,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
@@ -109,7 +127,7 @@ class LLMReinforce(LLMAlgorithm):
         normalised = return_batch_normalisation(returns, self.rebn_eps, batch_sum=self.dist.all_reduce_sum)
         return broadcast_to_tokens(normalised, batch.action_mask)
 
-    def learn(self, experiences: Any) -> dict[str, float]:
+    def learn(self, experiences: Any, sampling_logps: list[torch.Tensor | None] | None = None) -> dict[str, float]:
         """One REINFORCE update from ``(completion_ids, action_masks, rewards[, attention_mask])`` or an ``Experience``.
 
         Returns:
@@ -117,6 +135,7 @@ class LLMReinforce(LLMAlgorithm):
             ``entropy``, ``grad_norm`` and ``lr``.
         """
         batch = Experience.from_input(experiences, self.pad_token_id, self.device)
+        batch = with_mismatch_weights(self, batch, sampling_logps)
         batch = batch.with_fields(advantages=self.compute_advantages(batch))
         batch = with_behaviour_logprobs(self, batch, self.beta)
         self.set_training_mode(True)
@@ -129,8 +148,12 @@ class LLMReinforce(LLMAlgorithm):
             ),
             agent=self,
         )
-        return metrics | {
-            "mean_loss": metrics.pop("loss"),
-            "mean_kl": metrics.pop("kl"),
-            "lr": self.optimizer.param_groups[0]["lr"],
-        }
+        return (
+            metrics
+            | mismatch_metrics(self, batch)
+            | {
+                "mean_loss": metrics.pop("loss"),
+                "mean_kl": metrics.pop("kl"),
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+        )

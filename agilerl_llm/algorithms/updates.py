@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from agilerl_llm.algorithms.experience import Experience, micro_batches
+from agilerl_llm.algorithms.experience import Experience, micro_batches, place_on_action_tokens
 from agilerl_llm.distributed import DEEPSPEED
-from agilerl_llm.losses import grpo_policy_loss
+from agilerl_llm.losses import grpo_policy_loss, vllm_importance_weights
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -98,6 +98,37 @@ def with_behaviour_logprobs(agent: LLMAlgorithm, batch: Experience, beta: float)
     )
 
 
+def with_mismatch_weights(
+    agent: LLMAlgorithm, batch: Experience, sampling_logps: list[torch.Tensor | None] | None
+) -> Experience:
+    """Add ``token_weights``, the rollout/trainer mismatch correction, when the rollout reported sampling log-probs.
+
+    The weight of an action token is ``min(exp(trainer - sampling), vllm_importance_sampling_cap)``, both log-probs
+    under the same processing (temperature, min-p, top-k, top-p): the trainer's side is the actor before this
+    update, the sampling side what the engine reported. Rows given no log-probs (None) keep weight 1. Off when
+    ``vllm_importance_sampling_correction`` is False or ``sampling_logps`` is None.
+    """
+    if sampling_logps is None or not agent.vllm_importance_sampling_correction:
+        return batch
+    sampling, given = place_on_action_tokens(sampling_logps, batch.action_mask)
+    agent.set_training_mode(False)
+    trainer = agent.get_logprobs(batch.completion_ids, batch.attention_mask, sampling=agent.sampling_settings())
+    corrected = batch.action_mask & given[:, None]
+    weights = vllm_importance_weights(trainer, sampling, agent.vllm_importance_sampling_cap, corrected)
+    weights = torch.where(given[:, None], weights, batch.action_mask.to(weights.dtype))
+    return batch.with_fields(token_weights=weights)
+
+
+def mismatch_metrics(agent: LLMAlgorithm, batch: Experience) -> dict[str, float]:
+    """``is_weight_mean``: the mean mismatch weight over the global batch's action tokens (none without weights)."""
+    if batch.token_weights is None:
+        return {}
+    totals = agent.dist.sum_floats(
+        {"weights": float(batch.token_weights[batch.action_mask].sum()), "tokens": float(batch.action_mask.sum())}
+    )
+    return {"is_weight_mean": totals["weights"] / max(totals["tokens"], 1.0)}
+
+
 def policy_gradient_step(
     agent: LLMAlgorithm,
     mini_batch: Experience,
@@ -146,6 +177,7 @@ def policy_gradient_step(
                 importance_sampling_level=importance_sampling_level,
                 turn_ids=micro.turn_ids,
                 use_kl_advantage_shaping=use_kl_advantage_shaping,
+                token_weights=micro.token_weights,
             )
             agent._backward(output.loss)
         sums["loss"] += float(output.loss.detach())

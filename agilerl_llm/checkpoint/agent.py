@@ -65,8 +65,18 @@ if TYPE_CHECKING:
 
 # Attributes fixed by how the live agent was built; a checkpoint never changes them on load. ``index`` is the
 # agent's place in its population, not part of what it learned.
+# How the live agent was built, not what it learned: a checkpoint made with vLLM rollouts loads into an agent that
+# generates with HF (and the other way round) without switching its engine.
 _FIXED_ATTRIBUTES = frozenset(
-    {"index", "use_separate_reference_adapter", "model_name", "gradient_checkpointing", "calc_position_embeddings"}
+    {
+        "index",
+        "use_separate_reference_adapter",
+        "model_name",
+        "gradient_checkpointing",
+        "calc_position_embeddings",
+        "use_vllm",
+        "use_memory_efficient_params",
+    }
 )
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 ACTOR = "actor"
@@ -177,6 +179,23 @@ class AdapterSet:
         set_peft_model_state_dict(self.model, weights, adapter_name=name)
         # set_peft_model_state_dict may touch requires_grad; restore our rule.
         self.activate(self.active)
+
+    def save_base(self, folder: Path) -> None:
+        """Write the frozen base model (no adapter weights) as a ``save_pretrained``-style folder: config,
+        generation config and ``model.safetensors``. For an engine that loads the base itself (vLLM)."""
+        base = self.model.get_base_model()
+        weights = {}
+        for key, tensor in base.state_dict().items():
+            if "lora_" in key:
+                continue
+            weights[key.replace(".base_layer.", ".")] = tensor.detach().contiguous()
+        if getattr(base.config, "tie_word_embeddings", False):
+            weights.pop("lm_head.weight", None)  # stored once, as the input embedding
+        folder.mkdir(parents=True, exist_ok=True)
+        base.config.save_pretrained(folder)
+        if base.generation_config is not None:
+            base.generation_config.save_pretrained(folder)
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
     @torch.no_grad()
     def copy(self, source: str, target: str) -> None:

@@ -121,6 +121,10 @@ class RolloutEngine(Protocol):
         """Undo ``sleep`` before the next rollout."""
         ...
 
+    def attach(self, agent: LLMAlgorithm) -> None:
+        """Called once the agent is built: check it can be served (raise naming the setting) and register it."""
+        ...
+
     def for_clone(self, clone: LLMAlgorithm) -> RolloutEngine:
         """The engine a clone of the agent uses (a fresh one, or this one shared)."""
         ...

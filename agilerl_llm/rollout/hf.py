@@ -218,6 +218,9 @@ class HFRolloutEngine:
     def wake(self) -> None:
         """Nothing to restore."""
 
+    def attach(self, agent: LLMAlgorithm) -> None:
+        """Every agent can generate with its own model."""
+
     def for_clone(self, clone: LLMAlgorithm) -> HFRolloutEngine:
         return HFRolloutEngine()
 

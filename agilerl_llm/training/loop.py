@@ -108,6 +108,7 @@ def run_population_loop(
     evo_steps: int | None = None,
     tournament: Any | None = None,
     mutation: Any | None = None,
+    before_step: Callable[[list[Any], Any], None] | None = None,
 ) -> tuple[list[Any], list[dict[str, float]]]:
     """Run the loop described in the module docstring; returns the final population and the metrics history.
 
@@ -115,6 +116,7 @@ def run_population_loop(
     held-out split, appends its fitness to ``agent.fitness`` and returns the ``eval/...`` metrics. ``env`` serves
     batches (``reset(reset_dataloaders=True)``, ``advance()``) and saves its position (``state_dict()``).
     ``evo_steps`` / ``tournament`` / ``mutation`` are the finetune functions' evolution arguments, checked together.
+    ``before_step(pop, batch)``, when given, runs before the members' train steps (batched rollouts for all members).
     """
     check_loop_arguments(pop, max_steps, evaluation_interval)
     evolution = Evolution.from_arguments(evo_steps, tournament, mutation, pop)
@@ -155,6 +157,8 @@ def run_population_loop(
         for step in tqdm(range(start + 1, max_steps + 1), desc="training", disable=not progress, dynamic_ncols=True):
             evolve = evolution is not None and evolution.due(step, max_steps)
             evaluating = step % evaluation_interval == 0 or step == max_steps or evolve
+            if before_step is not None:
+                before_step(pop, batch)
             for agent in pop:
                 metrics = dist.mean_floats(train_step(agent, batch))  # learn() metrics are global already
                 if evaluating:

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from agilerl_llm.algorithms.base import LLMAlgorithm
+from agilerl_llm.algorithms.generation import population_actions
 from agilerl_llm.checkpoint.run import CheckpointConfig
 from agilerl_llm.envs.reasoning import ReasoningGym
+from agilerl_llm.rollout.base import ActionResult
 from agilerl_llm.training.logging import MetricsLogger
 from agilerl_llm.training.loop import run_population_loop
 
@@ -60,11 +62,13 @@ def finetune_llm_reasoning(
         ``agent``, ``hp/<name>`` for mutable hyperparameters, the training metrics and, on evaluation steps,
         ``eval/reward``. A resumed run's history holds the steps it ran itself.
     """
+    rollouts = BatchedRollouts()
     return run_population_loop(
         pop,
         env,
         max_steps=max_steps,
-        train_step=lambda agent, prompts: _train_step(agent, env, prompts),
+        before_step=rollouts.collect,
+        train_step=lambda agent, prompts: _train_step(agent, env, prompts, rollouts.take(agent)),
         evaluate=lambda agent: {"eval/reward": float(agent.test(env).mean())},
         evaluation_interval=evaluation_interval,
         evaluate_at_start=evaluate_at_start,
@@ -77,12 +81,44 @@ def finetune_llm_reasoning(
     )
 
 
-def _train_step(agent: LLMAlgorithm, env: ReasoningGym, prompts: Any) -> dict[str, float]:
+class BatchedRollouts:
+    """One step's rollouts for a population on a shared vLLM engine, made by one batched call before the members
+    learn (``population_actions``); members on HuggingFace generate are left to generate in their own step."""
+
+    def __init__(self) -> None:
+        self._results: dict[int, tuple[ActionResult, float]] = {}
+
+    def collect(self, pop: list[LLMAlgorithm], prompts: Any) -> None:
+        self._results.clear()
+        if not any(hasattr(agent.rollout_engine, "generate_many") for agent in pop):
+            return
+        started = time.perf_counter()
+        results = population_actions(pop, prompts, training=True)
+        share = (time.perf_counter() - started) / len(pop)  # each member's share of the batched call
+        self._results = {id(agent): (result, share) for agent, result in zip(pop, results, strict=True)}
+
+    def take(self, agent: LLMAlgorithm) -> tuple[ActionResult, float] | None:
+        return self._results.pop(id(agent), None)
+
+
+def _train_step(
+    agent: LLMAlgorithm, env: ReasoningGym, prompts: Any, collected: tuple[ActionResult, float] | None = None
+) -> dict[str, float]:
     started = time.perf_counter()
-    result = agent.get_action(prompts, training=True)
+    if collected is None:
+        result = agent.get_action(prompts, training=True)
+    else:
+        result, generate_s = collected
+        started -= generate_s
     rewards = env.score(prompts, result)
     generated = time.perf_counter()
-    metrics = agent.learn((result.completion_ids, result.action_masks, rewards, result.attention_mask))
+    experience = (result.completion_ids, result.action_masks, rewards, result.attention_mask)
+    # the engine's sampling log-probs (vLLM) feed the mismatch correction; HF generate reports none
+    metrics = (
+        agent.learn(experience, sampling_logps=result.sampling_logprobs)
+        if result.sampling_logprobs is not None
+        else agent.learn(experience)
+    )
     finished = time.perf_counter()
     tokens = agent.dist.sum_floats({"tokens": float(result.attention_mask.sum())})["tokens"]  # all ranks'
     all_rewards = agent.dist.gather_rows(rewards.flatten())  # the global batch's rewards
