@@ -108,12 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(yaml.safe_dump(config.model_dump(), sort_keys=False), end="")
         return EXIT_OK
+    from agilerl_llm.distributed import shutdown_process_group
     from agilerl_llm.quickstart import summary_table
     from agilerl_llm.training.job import run_reasoning_job
 
     result = run_reasoning_job(config)
     if result.is_main:  # under a multi-process launch, one report
         print(summary_table(result))
+    shutdown_process_group()
     return EXIT_OK
 
 

@@ -52,6 +52,17 @@ def launched_world_size() -> int:
     return 1
 
 
+def shutdown_process_group() -> None:
+    """End a multi-process run cleanly: wait for every rank, then destroy the default process group.
+
+    Left to interpreter teardown, gloo's background threads can be destroyed while still joinable, and a rank then
+    aborts after a finished run ("terminate called without an active exception", SIGABRT). Seen under load.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _deepspeed_requested(deepspeed_plugin: Any) -> bool:
     return deepspeed_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 

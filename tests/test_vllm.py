@@ -142,6 +142,15 @@ def test_population_shares_one_engine_and_one_generate_call(model_dir, tok):
     assert max(logprob_gap(member, result) for member, result in zip(pop, sampled, strict=True)) < LOGPROB_TOLERANCE
 
 
+def test_many_seeded_long_prompts_in_one_step(model_dir, tok):
+    """More prompt tokens than one step's budget (4096), each request seeded: on CPU, vLLM 0.32 crashed when such a
+    prefill was split across steps; the engine turns chunked prefill off there."""
+    agent = make_agent(model_dir, tok, group_size=4, batch_size=256, vllm_config=VLLMConfig(max_num_seqs=256))
+    texts = [f"{index:03d} " + "abcdefghij" * 6 for index in range(64)]
+    result = agent.get_action(prompts(tok, texts), training=True)
+    assert result.completion_ids.shape[0] == 256 and logprob_gap(agent, result) < LOGPROB_TOLERANCE
+
+
 def make_agent_kwargs(model_dir: Path) -> dict:
     tok = build_tiny_tokenizer()
     return {
@@ -244,3 +253,27 @@ def test_grpo_with_vllm_learns_the_quickstart_task(tmp_path):
     print(f"\nvLLM quickstart: held-out reward {result.reward_before:.3f} -> {result.reward_after:.3f}")
     assert result.reward_after >= 0.5
     assert result.reward_after >= 2 * result.reward_before
+
+
+@pytest.mark.parametrize("name", ["LLMPPO", "LLMReinforce"])
+def test_ppo_and_reinforce_learn_from_vllm_rollouts(model_dir, tok, name):
+    """use_vllm=True on the other generating algorithms: one rollout per prompt, sampling log-probs that match the
+    trainer's, and a learning step that moves the actor (which the engine then serves)."""
+    import agilerl_llm
+
+    cls = getattr(agilerl_llm, name)
+    agent = cls(tok.pad_token_id, tok.pad_token, model_name=str(model_dir), use_vllm=True, batch_size=4, lr=5e-3,
+                beta=0.0, temperature=0.8, top_k=30, max_output_tokens=8, gradient_checkpointing=False,
+                vllm_config=VLLMConfig(max_num_seqs=8))  # fmt: skip
+    obs = prompts(tok, ("abc", "hello", "xyz", "qrs"))
+    result = agent.get_action(obs, training=True)
+    assert result.completion_ids.shape[0] == 4 and logprob_gap(agent, result) < LOGPROB_TOLERANCE
+    before = hf_greedy(agent, obs)
+    metrics = agent.learn(
+        (result.completion_ids, result.action_masks, torch.tensor([1.0, -1.0, 0.5, -0.5]), result.attention_mask),
+        sampling_logps=result.sampling_logprobs,
+    )
+    assert metrics["is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    after = agent.get_action(obs, training=False).completion_ids
+    assert torch.equal(after, hf_greedy(agent, obs))
+    assert not torch.equal(after, before) or metrics["grad_norm"] > 0

@@ -283,6 +283,14 @@ class VLLMRolloutEngine:
         }
         if self._on_cuda:
             kwargs |= {"gpu_memory_utilization": config.gpu_memory_utilization, "enable_sleep_mode": config.sleep_mode}
+        else:
+            # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+            # split across steps (it rewinds the request's generator, which a CPU generator cannot do). Whole
+            # prefills avoid it; the token budget must then hold the longest prompt.
+            kwargs |= {
+                "enable_chunked_prefill": False,
+                "max_num_batched_tokens": max(4096, max_model_len, config.max_num_seqs),
+            }
         if agent.dist.world_size > 1:
             # Under `accelerate launch` each rank runs its own engine inside its own process.
             kwargs["distributed_executor_backend"] = "external_launcher"
