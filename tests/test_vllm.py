@@ -42,22 +42,23 @@ def tok():
     return build_tiny_tokenizer()
 
 
+SETTINGS = {
+    "use_vllm": True,
+    "group_size": 4,
+    "batch_size": 8,
+    "lr": 5e-3,
+    "beta": 0.0,
+    "temperature": 0.7,
+    "top_k": 20,
+    "top_p": 0.9,
+    "max_output_tokens": 10,
+    "gradient_checkpointing": False,
+    "vllm_config": VLLMConfig(max_num_seqs=16),
+}
+
+
 def make_agent(model_dir: Path, tok, **overrides) -> GRPO:
-    settings = {
-        "model_name": str(model_dir),
-        "use_vllm": True,
-        "group_size": 4,
-        "batch_size": 8,
-        "lr": 5e-3,
-        "beta": 0.0,
-        "temperature": 0.7,
-        "top_k": 20,
-        "top_p": 0.9,
-        "max_output_tokens": 10,
-        "gradient_checkpointing": False,
-        "vllm_config": VLLMConfig(max_num_seqs=16),
-    }
-    return GRPO(tok.pad_token_id, tok.pad_token, **(settings | overrides))
+    return GRPO(tok.pad_token_id, tok.pad_token, model_name=str(model_dir), **(SETTINGS | overrides))
 
 
 def prompts(tok, texts=("abc", "hello", "xyz")) -> dict[str, torch.Tensor]:
@@ -153,20 +154,7 @@ def test_many_seeded_long_prompts_in_one_step(model_dir, tok):
 
 def make_agent_kwargs(model_dir: Path) -> dict:
     tok = build_tiny_tokenizer()
-    return {
-        "pad_token_id": tok.pad_token_id,
-        "pad_token": tok.pad_token,
-        "model_name": str(model_dir),
-        "use_vllm": True,
-        "group_size": 4,
-        "batch_size": 8,
-        "lr": 5e-3,
-        "beta": 0.0,
-        "temperature": 0.7,
-        "max_output_tokens": 10,
-        "gradient_checkpointing": False,
-        "vllm_config": VLLMConfig(max_num_seqs=16),
-    }
+    return {"pad_token_id": tok.pad_token_id, "pad_token": tok.pad_token, "model_name": str(model_dir)} | SETTINGS
 
 
 def reverse_env(tok, batch_size: int = 4) -> ReasoningGym:

@@ -33,7 +33,7 @@ from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.generation import RolloutCorrectionSettings
 from agilerl_llm.algorithms.updates import (
-    mismatch_metrics,
+    learn_metrics,
     policy_gradient_step,
     run_update_epochs,
     with_behaviour_logprobs,
@@ -259,16 +259,7 @@ class GRPO(LLMAlgorithm):
             ),
             agent=self,
         )
-        return (
-            metrics
-            | mismatch_metrics(self, batch)
-            | {
-                "mean_loss": metrics.pop("loss"),
-                "mean_kl": metrics.pop("kl"),
-                "rows_kept": rows_kept,
-                "lr": self.optimizer.param_groups[0]["lr"],
-            }
-        )
+        return learn_metrics(self, metrics, batch) | {"rows_kept": rows_kept}
 
     def _drop_rows_without_signal(self, batch: Experience) -> Experience:
         """``filter_zero_adv``: rows whose advantages are all (near) zero leave the update.

@@ -27,7 +27,7 @@ from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.generation import RolloutCorrectionSettings
 from agilerl_llm.algorithms.updates import (
-    mismatch_metrics,
+    learn_metrics,
     policy_gradient_step,
     run_update_epochs,
     with_behaviour_logprobs,
@@ -148,12 +148,4 @@ class LLMReinforce(LLMAlgorithm):
             ),
             agent=self,
         )
-        return (
-            metrics
-            | mismatch_metrics(self, batch)
-            | {
-                "mean_loss": metrics.pop("loss"),
-                "mean_kl": metrics.pop("kl"),
-                "lr": self.optimizer.param_groups[0]["lr"],
-            }
-        )
+        return learn_metrics(self, metrics, batch)

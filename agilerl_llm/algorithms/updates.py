@@ -119,6 +119,14 @@ def with_mismatch_weights(
     return batch.with_fields(token_weights=weights)
 
 
+def learn_metrics(agent: LLMAlgorithm, metrics: dict[str, float], batch: Experience) -> dict[str, float]:
+    """What ``learn()`` returns from ``run_update_epochs``'s averages: ``loss`` / ``kl`` renamed ``mean_loss`` /
+    ``mean_kl``, the current ``lr`` and, with mismatch weights, ``is_weight_mean``."""
+    renamed = {"loss": "mean_loss", "kl": "mean_kl"}
+    result = {renamed.get(key, key): value for key, value in metrics.items()}
+    return result | mismatch_metrics(agent, batch) | {"lr": agent.optimizer.param_groups[0]["lr"]}
+
+
 def mismatch_metrics(agent: LLMAlgorithm, batch: Experience) -> dict[str, float]:
     """``is_weight_mean``: the mean mismatch weight over the global batch's action tokens (none without weights)."""
     if batch.token_weights is None:
