@@ -13,6 +13,7 @@ from agilerl_llm.algorithms.reinforce import LLMReinforce
 from agilerl_llm.algorithms.sft import SFT
 from agilerl_llm.checkpoint.agent import save_llm_checkpoint
 from agilerl_llm.distributed import Distributed, make_accelerator
+from agilerl_llm.envs.multiturn import MultiTurnEnv, collect_episodes
 from agilerl_llm.envs.preference import PreferenceGym
 from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym, RewardFunctionError
 from agilerl_llm.envs.sft import SFTGym
@@ -21,6 +22,7 @@ from agilerl_llm.optim import CosineLRScheduleConfig
 from agilerl_llm.rollout.base import ActionResult, SamplingSettings
 from agilerl_llm.rollout.vllm import VLLMConfig
 from agilerl_llm.training.logging import MetricsLogger
+from agilerl_llm.training.multiturn import finetune_llm_multiturn
 from agilerl_llm.training.preference import finetune_llm_preference
 from agilerl_llm.training.reasoning import finetune_llm_reasoning
 from agilerl_llm.training.sft import finetune_llm_sft
@@ -43,6 +45,7 @@ __all__ = [
     "HyperparameterConfig",
     "LLMAlgorithm",
     "MetricsLogger",
+    "MultiTurnEnv",
     "Mutations",
     "PromptBatch",
     "RLParameter",
@@ -51,7 +54,9 @@ __all__ = [
     "SamplingSettings",
     "TournamentSelection",
     "VLLMConfig",
+    "collect_episodes",
     "create_population",
+    "finetune_llm_multiturn",
     "finetune_llm_preference",
     "finetune_llm_reasoning",
     "finetune_llm_sft",

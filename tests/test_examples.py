@@ -65,3 +65,18 @@ def test_population_example_prints_generations_and_saves_the_plot(tmp_path):
     assert [int(row.split()[0]) for row in rows] == [0, 2, 4, 6]
     plot = tmp_path / "fitness.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_multiturn_example_plays_trains_and_reports(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "multiturn_guess_number.py"), "--steps", "3", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("success rate"))
+    before, after = (float(value) for value in line.split()[-2:])
+    assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
+    assert (tmp_path / "base" / "config.json").is_file()

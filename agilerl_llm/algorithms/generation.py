@@ -9,11 +9,14 @@ a mutated temperature or group size takes effect at the next rollout.
 
 from __future__ import annotations
 
+import copy
 import warnings
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from agilerl_llm.envs.multiturn import MultiTurnEnv, collect_episodes
 from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym
 from agilerl_llm.model.adapters import ACTOR
 from agilerl_llm.rollout.base import ActionResult, RolloutEngine, SamplingSettings
@@ -108,13 +111,20 @@ class GenerationMixin:
                 do_sample=training,
             )
 
-    def test(self, env: ReasoningGym, loop: int = 1) -> torch.Tensor:
+    def test(
+        self, env: ReasoningGym | MultiTurnEnv, loop: int = 1, tokenizer: Any = None, seeds: list[int] | None = None
+    ) -> torch.Tensor:
         """Greedy completions for the whole held-out split, ``loop`` times; returns every reward.
+
+        With a ``MultiTurnEnv``: greedy episodes, one per seed in ``seeds`` (default ``range(loop)``), each in a copy
+        of ``env``, played in lock-step through ``tokenizer``'s chat template; returns each episode's return.
 
         Under several processes each rank scores its share of the split (``envs/sharding.py``) and the rewards
         are gathered, so every rank returns the same rewards, in test-split order, and appends the same fitness.
         The mean reward is appended to ``self.fitness``.
         """
+        if isinstance(env, MultiTurnEnv):
+            return self._test_episodes(env, loop, tokenizer, seeds)
         rewards, sample_ids = [], []
         with env.eval_mode():
             for repeat in range(loop):
@@ -132,6 +142,17 @@ class GenerationMixin:
             all_rewards = all_rewards[counted][torch.argsort(keys[counted], stable=True)]
         self.fitness.append(float(all_rewards.mean()))
         return all_rewards
+
+    def _test_episodes(self, env: MultiTurnEnv, loop: int, tokenizer: Any, seeds: list[int] | None) -> torch.Tensor:
+        if tokenizer is None:
+            raise ValueError(
+                "test() on a MultiTurnEnv needs tokenizer= (episodes are built through its chat template)."
+            )
+        seeds = list(range(loop)) if seeds is None else list(seeds)
+        envs = [copy.deepcopy(env) for _ in seeds]
+        returns = collect_episodes(self, envs, seeds, tokenizer, training=False).returns
+        self.fitness.append(float(returns.mean()))
+        return returns
 
 
 def _prompt_tensors(obs: PromptBatch | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

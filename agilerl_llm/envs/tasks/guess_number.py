@@ -1,0 +1,51 @@
+"""Guess the number: a built-in multi-turn game that needs several turns and has a clear success rate.
+
+The environment picks a secret integer in [low, high] from the episode's seed. Each turn the model answers with a
+number; the environment replies "higher", "lower" or ends the episode when the guess is right. Finding it earns
+``1 - turn_penalty * (turns used - 1)``, so fewer turns earn more; a reply that is not a number earns nothing and
+is told so. Binary search finds any number in ceil(log2(high - low + 1)) turns, so a model that only guesses cannot
+do well and a model that listens to the replies can.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+NUMBER = re.compile(r"-?\d+")
+
+
+class GuessTheNumber:
+    """A ``MultiTurnEnv``: find the secret number in at most ``max_turns`` guesses."""
+
+    def __init__(self, low: int = 1, high: int = 8, max_turns: int = 4, turn_penalty: float = 0.1) -> None:
+        if high <= low:
+            raise ValueError(f"high must be > low; got low={low}, high={high}.")
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
+        self.low, self.high, self.max_turns, self.turn_penalty = low, high, max_turns, turn_penalty
+        self.system_prompt: str | None = None
+        self.target = low
+        self.turns_used = 0
+
+    def reset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:
+        self.target = random.Random(seed).randint(self.low, self.high)
+        self.turns_used = 0
+        return f"Guess my number from {self.low} to {self.high}.", {"target": self.target}
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        self.turns_used += 1
+        found = NUMBER.search(action)
+        info: dict[str, Any] = {"target": self.target, "turns": self.turns_used, "success": False}
+        if found is None:
+            return "Answer with a number.", 0.0, False, self.turns_used >= self.max_turns, info
+        guess = int(found.group())
+        if guess == self.target:
+            info["success"] = True
+            return "Correct!", 1.0 - self.turn_penalty * (self.turns_used - 1), True, False, info
+        reply = "higher" if guess < self.target else "lower"
+        return reply, 0.0, False, self.turns_used >= self.max_turns, info
+
+    def close(self) -> None:
+        """Nothing to release."""
