@@ -265,3 +265,25 @@ def test_ppo_and_reinforce_learn_from_vllm_rollouts(model_dir, tok, name):
     after = agent.get_action(obs, training=False).completion_ids
     assert torch.equal(after, hf_greedy(agent, obs))
     assert not torch.equal(after, before) or metrics["grad_norm"] > 0
+
+
+def test_multi_turn_episodes_through_the_vllm_engine(model_dir, tok):
+    """collect_episodes with vLLM rollouts: one generate per turn, the action tokens' sampling log-probs concatenated
+    across turns (matching the trainer's), and GRPO learns from the batch with the mismatch correction."""
+    from agilerl_llm.envs.multiturn import collect_episodes
+    from agilerl_llm.envs.tasks.guess_number import GuessTheNumber
+    from agilerl_llm.training.multiturn import learn_from_episodes
+
+    agent = make_agent(model_dir, tok, max_output_tokens=4, max_model_len=256)
+    calls = agent.rollout_engine.generate_calls
+    envs = [GuessTheNumber(high=4, max_turns=3) for _ in range(8)]
+    batch = collect_episodes(agent, envs, [1, 1, 1, 1, 2, 2, 2, 2], tok)
+    played_turns = int(batch.turn_ids.max()) + 1
+    assert agent.rollout_engine.generate_calls - calls == played_turns  # one call per turn for every live episode
+    trainer = agent.get_logprobs(batch.completion_ids, batch.attention_mask, sampling=agent.sampling_settings())
+    for row in range(8):
+        assert batch.sampling_logprobs[row].numel() == int(batch.action_mask[row].sum())
+        gap = (trainer[row, batch.action_mask[row]] - batch.sampling_logprobs[row].to(trainer.device)).abs().max()
+        assert gap < LOGPROB_TOLERANCE
+    metrics = learn_from_episodes(agent, batch)
+    assert metrics["is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
