@@ -10,16 +10,22 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_grpo_custom_reward_example_learns_and_saves(tmp_path):
+def run_example(name: str, *args: str, timeout: float = 600) -> str:
+    """Run ``examples/<name>`` as a user would (one thread); fail with its stderr; return its stdout."""
     completed = subprocess.run(
-        [sys.executable, str(EXAMPLES / "grpo_custom_reward.py"), "--steps", "10", "--output-dir", str(tmp_path)],
+        [sys.executable, str(EXAMPLES / name), *args],
         capture_output=True,
         text=True,
         env=os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-        timeout=600,
+        timeout=timeout,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    line = next(line for line in completed.stdout.splitlines() if line.startswith("held-out reward"))
+    return completed.stdout
+
+
+def test_grpo_custom_reward_example_learns_and_saves(tmp_path):
+    out = run_example("grpo_custom_reward.py", "--steps", "10", "--output-dir", str(tmp_path))
+    line = next(line for line in out.splitlines() if line.startswith("held-out reward"))
     before, after = (float(part.split()[-1]) for part in line.split(":")[1].split(","))
     assert after > before + 0.3, line
     assert (tmp_path / "actor" / "adapter_model.safetensors").is_file()
@@ -49,15 +55,7 @@ def test_population_example_prints_generations_and_saves_the_plot(tmp_path):
         "warm_start.steps=4",
         "algorithm.params.cosine_lr_schedule_config.num_epochs=6",
     ]
-    completed = subprocess.run(
-        [sys.executable, str(EXAMPLES / "population_grpo.py"), *overrides],
-        capture_output=True,
-        text=True,
-        env=os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-        timeout=900,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    out = completed.stdout
+    out = run_example("population_grpo.py", *overrides, timeout=900)
     # the loop prints each generation's fitness table (member, hyperparameters, fitness) ...
     assert out.count("generation at step") == 2 and "member" in out and "temperature" in out and "fitness" in out
     # ... and the script a fitness row per evaluation step: 0, 2, 4, 6
@@ -68,15 +66,8 @@ def test_population_example_prints_generations_and_saves_the_plot(tmp_path):
 
 
 def test_multiturn_example_plays_trains_and_reports(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, str(EXAMPLES / "multiturn_guess_number.py"), "--steps", "3", "--output-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    line = next(line for line in completed.stdout.splitlines() if line.startswith("success rate"))
+    out = run_example("multiturn_guess_number.py", "--steps", "3", "--output-dir", str(tmp_path))
+    line = next(line for line in out.splitlines() if line.startswith("success rate"))
     before, after = (float(value) for value in line.split()[-2:])
     assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
     assert (tmp_path / "base" / "config.json").is_file()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from agilerl_llm.rollout.hf import eos_token_ids
+from agilerl_llm.rollout.hf import context_limit, eos_token_ids
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -179,7 +179,7 @@ def collect_episodes(
         raise ValueError(f"collect_episodes needs one seed per env; got {len(envs)} envs and {len(seeds)} seeds.")
     turns = ChatTurns(tokenizer)
     max_turns = _max_turns(envs)
-    limit = _context_limit(agent)
+    limit = context_limit(agent.actor, agent.max_model_len)
     stops = {token: tokenizer.convert_ids_to_tokens(token) for token in eos_token_ids(agent.actor)}
     episodes = [_start(row, env, seed, turns) for row, (env, seed) in enumerate(zip(envs, seeds, strict=True))]
     for turn in range(max_turns):
@@ -200,12 +200,6 @@ def _max_turns(envs: Sequence[MultiTurnEnv]) -> int:
     if len(values) != 1 or not isinstance(next(iter(values)), int) or next(iter(values)) < 1:
         raise ValueError(f"every env needs the same max_turns >= 1; got {sorted(map(str, values))}.")
     return int(next(iter(values)))
-
-
-def _context_limit(agent: LLMAlgorithm) -> int:
-    limit = agent.max_model_len
-    positions = getattr(agent.actor.config, "max_position_embeddings", None)
-    return min(limit, positions) if isinstance(positions, int) else limit
 
 
 def _as_messages(observation: Any, where: str) -> list[dict[str, str]]:

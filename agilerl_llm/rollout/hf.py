@@ -67,6 +67,34 @@ def generation_kwargs(sampling: SamplingSettings, prompt_length: int, do_sample:
     return kwargs
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The model's own context limit (``max_position_embeddings``), or None when its config has none."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
+def context_limit(model: nn.Module, max_model_len: int) -> int:
+    """The longest row a rollout may build: ``max_model_len``, capped by the model's own context limit."""
+    limit = position_limit(model)
+    return max_model_len if limit is None else min(max_model_len, limit)
+
+
+def model_generation_kwargs(model: nn.Module, sampling: SamplingSettings, prompt_length: int, do_sample: bool) -> dict:
+    """``generation_kwargs`` with the token budget also capped by the model's own context limit: positions past it
+    have no embedding (or are untrained). Raises when the (padded) prompts already reach that limit."""
+    kwargs = generation_kwargs(sampling, prompt_length, do_sample)
+    limit = position_limit(model)
+    if limit is not None:
+        if prompt_length >= limit:
+            raise ValueError(
+                f"The prompts are {prompt_length} tokens long (padded), at or over the model's "
+                f"max_position_embeddings={limit}; shorten the prompts (or filter long rows out of the dataset)."
+            )
+        kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], limit - prompt_length)
+        kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], kwargs["max_new_tokens"])
+    return kwargs
+
+
 def generation_model(model: nn.Module) -> nn.Module:
     """The module whose ``generate`` to call: a PEFT model carrying plain LoRA unwraps to its transformers model.
 
@@ -134,19 +162,9 @@ def generate_completions(
         An ``ActionResult`` with N = B * G rows.
     """
     batch, prompt_length = prompt_ids.shape
-    kwargs = generation_kwargs(sampling, prompt_length, do_sample)
     chunk_size = chunk_size or batch
     generator = generation_model(model)
-    # The model's own context limit caps max_model_len: positions past it have no embedding (or are untrained).
-    limit = getattr(getattr(generator, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int):
-        if prompt_length >= limit:
-            raise ValueError(
-                f"The prompts are {prompt_length} tokens long (padded), at or over the model's "
-                f"max_position_embeddings={limit}; shorten the prompts (or filter long rows out of the dataset)."
-            )
-        kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], limit - prompt_length)
-        kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], kwargs["max_new_tokens"])
+    kwargs = model_generation_kwargs(generator, sampling, prompt_length, do_sample)
     pieces = []
     for start in range(0, batch, chunk_size):
         chunk_ids, chunk_mask = prompt_ids[start : start + chunk_size], prompt_mask[start : start + chunk_size]

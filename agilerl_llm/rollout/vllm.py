@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agilerl_llm.model.adapters import ACTOR
 from agilerl_llm.rollout.base import ActionResult, SamplingSettings, masks_from_lengths
-from agilerl_llm.rollout.hf import eos_token_ids, generation_kwargs
+from agilerl_llm.rollout.hf import context_limit, eos_token_ids, model_generation_kwargs
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -259,10 +259,7 @@ class VLLMRolloutEngine:
         # In-process: the engine shares this process (and its memory) with the trainer.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         members = max(len(self._members), 1)
-        limit = getattr(agent.actor.config, "max_position_embeddings", None)
-        max_model_len = config.max_model_len or agent.max_model_len
-        if isinstance(limit, int):
-            max_model_len = min(max_model_len, limit)
+        max_model_len = context_limit(agent.actor, config.max_model_len or agent.max_model_len)
         dtype = (
             str(next(agent.actor.parameters()).dtype).removeprefix("torch.") if config.dtype == "auto" else config.dtype
         )
@@ -298,15 +295,11 @@ class VLLMRolloutEngine:
 
     def _sampling_params(self, vllm: Any, request: RolloutRequest) -> Any:
         agent, sampling = request.agent, request.sampling
-        budget = generation_kwargs(sampling, request.prompt_ids.shape[1], request.do_sample)
-        limit = getattr(agent.actor.config, "max_position_embeddings", None)
-        max_tokens = budget["max_new_tokens"]
-        if isinstance(limit, int):
-            max_tokens = min(max_tokens, limit - request.prompt_ids.shape[1])
+        budget = model_generation_kwargs(agent.actor, sampling, request.prompt_ids.shape[1], request.do_sample)
         common = {
             "n": request.num_completions,
-            "max_tokens": max_tokens,
-            "min_tokens": min(budget["min_new_tokens"], max_tokens),
+            "max_tokens": budget["max_new_tokens"],
+            "min_tokens": budget["min_new_tokens"],
             "stop_token_ids": eos_token_ids(agent.actor),
             "repetition_penalty": sampling.repetition_penalty,
         }

@@ -113,12 +113,8 @@ def _train_step(
     rewards = env.score(prompts, result)
     generated = time.perf_counter()
     experience = (result.completion_ids, result.action_masks, rewards, result.attention_mask)
-    # the engine's sampling log-probs (vLLM) feed the mismatch correction; HF generate reports none
-    metrics = (
-        agent.learn(experience, sampling_logps=result.sampling_logprobs)
-        if result.sampling_logprobs is not None
-        else agent.learn(experience)
-    )
+    # the engine's sampling log-probs (vLLM) feed the mismatch correction; HF generate reports none (None)
+    metrics = agent.learn(experience, sampling_logps=result.sampling_logprobs)
     finished = time.perf_counter()
     tokens = agent.dist.sum_floats({"tokens": float(result.attention_mask.sum())})["tokens"]  # all ranks'
     all_rewards = agent.dist.gather_rows(rewards.flatten())  # the global batch's rewards
