@@ -432,29 +432,67 @@ def last_action_mask(action_mask: Tensor) -> Tensor:
     return mask & (later_actions == 0)
 
 
+def turn_rewards_on_tokens(turn_rewards: Tensor, turn_ids: Tensor, action_mask: Tensor) -> Tensor:
+    """Each turn's reward on the last action token of that turn (multi-turn PPO's token rewards).
+
+    Args:
+        turn_rewards: (N, K) reward of each turn, 0 for turns a row never reached.
+        turn_ids: (N, T) turn index of each action token, -1 elsewhere.
+        action_mask: (N, T).
+
+    Returns:
+        (N, T) float: ``turn_rewards[i, k]`` at the last position t with ``turn_ids[i, t] == k``, 0 elsewhere.
+
+    Raises:
+        ValueError: a nonzero reward belongs to a turn with no action token (it would have nowhere to go).
+    """
+    num_rows, num_turns = turn_rewards.shape
+    ids = _checked_turn_ids(turn_ids, action_mask, num_turns)
+    mask = action_mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(ids)
+    last_position = torch.full((num_rows, num_turns), -1, dtype=torch.int64, device=mask.device)
+    last_position.scatter_reduce_(1, ids, torch.where(mask, positions, -1), reduce="amax")
+    present = last_position >= 0
+    if bool(((turn_rewards != 0) & ~present).any()):
+        row, turn = ((turn_rewards != 0) & ~present).nonzero()[0].tolist()
+        raise ValueError(f"row {row} has a reward for turn {turn} but no action token in that turn.")
+    token_rewards = torch.zeros(mask.shape, dtype=turn_rewards.dtype, device=mask.device)
+    token_rewards.scatter_add_(1, last_position.clamp(min=0), torch.where(present, turn_rewards, 0.0))
+    return token_rewards
+
+
 def kl_penalised_token_rewards(
-    rewards: Tensor, action_mask: Tensor, kl: Tensor | None = None, beta: float = 0.0
+    rewards: Tensor, action_mask: Tensor, kl: Tensor | None = None, beta: float = 0.0, turn_ids: Tensor | None = None
 ) -> Tensor:
     """Token-level rewards for PPO: the outcome reward on the last generated token, minus a per-token KL penalty.
 
     ``r_it = R_i * [t is row i's last action token] - beta * kl_it`` on action tokens, 0 elsewhere. The
-    outcome reward is placed once, never copied onto every token.
+    outcome reward is placed once, never copied onto every token. Per-turn rewards (N, K) with ``turn_ids`` go
+    on the last token of each turn instead (``turn_rewards_on_tokens``), so GAE runs across the turns.
 
     Args:
-        rewards: (N,) one outcome reward per completion.
+        rewards: (N,) one outcome reward per completion, or (N, K) per-turn rewards (then ``turn_ids`` is needed).
         action_mask: (N, T).
         kl: (N, T) per-token KL estimate (e.g. ``losses.kl_k3``, detached) or None.
         beta: KL coefficient, >= 0.
+        turn_ids: (N, T) turn index of each action token (-1 elsewhere), with per-turn rewards.
 
     Returns:
         (N, T) token rewards, 0 on non-action positions.
     """
-    if rewards.dim() != 1 or rewards.shape[0] != action_mask.shape[0]:
-        raise ValueError(f"rewards must be (N,) with N={action_mask.shape[0]}, got shape {tuple(rewards.shape)}.")
     if isinstance(beta, bool) or not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta!r}.")
     mask = action_mask.bool()
-    token_rewards = torch.where(last_action_mask(mask), rewards[:, None], 0.0)
+    if rewards.dim() == 2 and rewards.shape[0] == action_mask.shape[0]:
+        if turn_ids is None:
+            raise ValueError("per-turn rewards (N, K) need turn_ids to say where each turn ends.")
+        token_rewards = turn_rewards_on_tokens(rewards, turn_ids, mask)
+    elif rewards.dim() == 1 and rewards.shape[0] == action_mask.shape[0]:
+        token_rewards = torch.where(last_action_mask(mask), rewards[:, None], 0.0)
+    else:
+        raise ValueError(
+            f"rewards must be (N,) or (N, K) with N={action_mask.shape[0]}, got shape {tuple(rewards.shape)}."
+        )
     if kl is not None and beta > 0:
         token_rewards = token_rewards - beta * torch.where(mask, kl, 0.0)
     return torch.where(mask, token_rewards, 0.0)

@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     from agilerl_llm.distributed import shutdown_process_group
     from agilerl_llm.quickstart import summary_table
-    from agilerl_llm.training.job import run_reasoning_job
+    from agilerl_llm.training.job import run_job
 
-    result = run_reasoning_job(config)
+    result = run_job(config)
     if result.is_main:  # under a multi-process launch, one report
         print(summary_table(result))
     shutdown_process_group()

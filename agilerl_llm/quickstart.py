@@ -16,14 +16,14 @@ import argparse
 import sys
 
 from agilerl_llm.training.config import RunConfig
-from agilerl_llm.training.job import JobResult, run_reasoning_job
+from agilerl_llm.training.job import JobResult, run_job
 
 
 def summary_table(result: JobResult) -> str:
     """The before/after table printed at the end of a run."""
     rows = [
         ("held-out reward (mean)", result.reward_before, result.reward_after),
-        ("held-out exact answers", result.exact_before, result.exact_after),
+        (result.exact_label, result.exact_before, result.exact_after),
     ]
     lines = [f"{'metric':<26}{'before RL':>12}{'after RL':>12}", "-" * 50]
     lines += [f"{name:<26}{before:>12.3f}{after:>12.3f}" for name, before, after in rows]
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config
         else RunConfig.from_dict({}, args.overrides, source="quickstart")
     )
-    result = run_reasoning_job(config)
+    result = run_job(config)
     print(summary_table(result))
     return 0
 

@@ -21,7 +21,6 @@ greedy success from 0.109 to 0.31 in 120 steps, so the pipeline learns; what mak
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from pathlib import Path
 
@@ -29,10 +28,9 @@ import torch
 from transformers import AutoTokenizer
 
 from agilerl_llm import GRPO, finetune_llm_multiturn
-from agilerl_llm.envs.multiturn import ChatTurns
-from agilerl_llm.envs.tasks.guess_number import GuessTheNumber
+from agilerl_llm.envs.tasks.guess_number import GuessTheNumber, demonstration_policy
 from agilerl_llm.testing import build_tiny_model, build_tiny_tokenizer
-from agilerl_llm.training.warmstart import pretrain_on_demonstrations
+from agilerl_llm.training.warmstart import episode_demonstrations, pretrain_on_demonstrations
 
 LOW, HIGH, MAX_TURNS = 1, 8, 3
 
@@ -41,38 +39,28 @@ def make_env() -> GuessTheNumber:
     return GuessTheNumber(low=LOW, high=HIGH, max_turns=MAX_TURNS)
 
 
-def format_demonstrations(tokenizer, count: int, seed: int) -> list[tuple[str, str]]:
-    """(conversation so far, next guess + eos) pairs from episodes of random guesses that ignore the replies."""
-    rng, turns, pairs = random.Random(seed), ChatTurns(tokenizer), []
-    for episode in range(count):
-        env = make_env()
-        observation, _ = env.reset(seed=-1 - episode)  # negative seeds: never the training or held-out ones
-        messages = [{"role": "user", "content": observation}]
-        for _ in range(MAX_TURNS):
-            guess = str(rng.randint(LOW, HIGH))
-            pairs.append((turns.render(messages, add_generation_prompt=True), guess + tokenizer.eos_token))
-            observation, _, terminated, truncated, _ = env.step(guess)
-            if terminated or truncated:
-                break
-            messages += [{"role": "assistant", "content": guess}, {"role": "user", "content": observation}]
-    return pairs
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--advantage-granularity", default="turn", choices=["trajectory", "turn"])
+    parser.add_argument(
+        "--warm-start",
+        default="random",
+        choices=["random", "consistent", "bisect"],
+        help="the scripted player of the warm-start demonstrations (demonstration_policy)",
+    )
     parser.add_argument("--output-dir", default="runs/guess_number")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model("tiny", tokenizer=tokenizer, seed=args.seed)
-    pretrain_on_demonstrations(
-        model, tokenizer, format_demonstrations(tokenizer, 400, args.seed), steps=60, batch_size=32, lr=3e-3
-    )
+    # 400 scripted episodes on negative seeds (never a training or held-out seed)
+    policy = demonstration_policy(LOW, HIGH, strategy=args.warm_start)
+    demonstrations = episode_demonstrations(tokenizer, make_env, policy, [-1 - i for i in range(400)], seed=args.seed)
+    pretrain_on_demonstrations(model, tokenizer, demonstrations, steps=60, batch_size=32, lr=3e-3)
     base = Path(args.output_dir) / "base"
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)

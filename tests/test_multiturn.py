@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from agilerl_llm import GRPO, LLMReinforce
+from agilerl_llm import GRPO, LLMPPO, LLMReinforce
 from agilerl_llm.envs.multiturn import ChatTurns, MultiTurnEnv, MultiTurnEnvError, collect_episodes
 from agilerl_llm.envs.tasks.guess_number import GuessTheNumber
 from agilerl_llm.testing import build_tiny_tokenizer
@@ -229,6 +229,30 @@ def test_reinforce_learns_from_the_episode_return(tiny_model_dir, tokenizer):
     rewards = batch.turn_rewards * torch.tensor([[1.0], [-1.0], [0.5], [0.0]])
     metrics = agent.learn((batch.completion_ids, batch.action_mask, rewards, batch.attention_mask))
     assert metrics["grad_norm"] > 0
+
+
+def test_ppo_puts_each_turn_reward_on_its_last_token_and_learns(tiny_model_dir, tokenizer):
+    """With turn_ids, GAE sees each turn's reward where the turn ends: the returns of a turn's tokens differ from
+    the summed-at-the-end placement exactly by the later turns' rewards (gamma = lambda = 1)."""
+    from agilerl_llm.advantages import gae, kl_penalised_token_rewards
+
+    agent = make_agent(tiny_model_dir, tokenizer, cls=LLMPPO, gamma=1.0, gae_lambda=1.0)
+    envs = [ScriptedEnv(max_turns=3) for _ in range(4)]
+    batch = collect_episodes(agent, envs, [0, 1, 2, 3], tokenizer)
+    mask, zeros = batch.action_mask, torch.zeros(batch.action_mask.shape)
+    per_turn = kl_penalised_token_rewards(batch.turn_rewards, mask, turn_ids=batch.turn_ids)
+    _, returns = gae(per_turn, zeros, mask, 1.0, 1.0)
+    for row in range(4):
+        for turn in range(3):
+            tokens = mask[row] & (batch.turn_ids[row] == turn)
+            # ScriptedEnv rewards turn k with k + 1: the return from turn k on is the sum of the rewards to come
+            expected = float(batch.turn_rewards[row, turn:].sum())
+            assert torch.allclose(returns[row][tokens], torch.full((int(tokens.sum()),), expected)), (row, turn)
+    before = [p.detach().clone() for p in agent.adapters.parameters("actor")]
+    metrics = agent.learn(batch.experience(), turn_ids=batch.turn_ids)
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert metrics["return_mean"] == pytest.approx(float(returns[mask].mean()), rel=1e-5)  # learn() placed them so
+    assert any(not torch.equal(a, p) for a, p in zip(before, agent.adapters.parameters("actor"), strict=True))
 
 
 def test_guess_the_number_rewards_fewer_turns():

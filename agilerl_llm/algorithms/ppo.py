@@ -181,8 +181,17 @@ class LLMPPO(LLMAlgorithm):
         return self.policy_forward(input_ids.to(self.device), attention_mask.to(self.device), values=True)
 
     # ------------------------------------------------------------------------------------------ learning
-    def learn(self, experiences: Any, sampling_logps: list[torch.Tensor | None] | None = None) -> dict[str, float]:
+    def learn(
+        self,
+        experiences: Any,
+        sampling_logps: list[torch.Tensor | None] | None = None,
+        turn_ids: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         """One PPO update from ``(completion_ids, action_masks, rewards[, attention_mask])`` or an ``Experience``.
+
+        Multi-turn batches: with per-turn rewards (N, K) and ``turn_ids`` (N, T), each turn's reward sits on the
+        last token of its turn and GAE runs across the turns; per-turn rewards without ``turn_ids`` are summed onto
+        the last action token (the episode return as one outcome).
 
         Returns:
             ``mean_loss`` (policy + vf_coef * value), ``mean_kl`` (k3 per action token at rollout time),
@@ -191,7 +200,11 @@ class LLMPPO(LLMAlgorithm):
         """
         batch = Experience.from_input(experiences, self.pad_token_id, self.device)
         batch = with_mismatch_weights(self, batch, sampling_logps)
-        rewards = batch.rewards.sum(dim=1) if batch.rewards.dim() == 2 else batch.rewards
+        rewards = batch.rewards
+        if rewards.dim() == 2 and turn_ids is None:
+            rewards = rewards.sum(dim=1)
+        if turn_ids is not None:
+            turn_ids = turn_ids.to(self.device)
         mask = batch.action_mask
         self.set_training_mode(False)
         old_logprobs = self.get_logprobs(batch.completion_ids, batch.attention_mask, temperature=self.temperature)
@@ -202,7 +215,7 @@ class LLMPPO(LLMAlgorithm):
                 batch.completion_ids, batch.attention_mask, policy="reference", temperature=self.temperature
             )
             kl = kl_k3(torch.where(mask, old_logprobs, 0.0), torch.where(mask, ref, 0.0))
-        token_rewards = kl_penalised_token_rewards(rewards, mask, kl, self.beta)
+        token_rewards = kl_penalised_token_rewards(rewards, mask, kl, self.beta, turn_ids=turn_ids)
         advantages, returns = gae(token_rewards, old_values, mask, self.gamma, self.gae_lambda)
         if self.whiten_advantages:
             advantages = whiten_token_advantages(advantages, mask, batch_sum=self.dist.all_reduce_sum)

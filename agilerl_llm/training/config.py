@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agilerl_llm.checkpoint.run import CheckpointConfig
-from agilerl_llm.envs.tasks import TASKS
+from agilerl_llm.envs.tasks import MULTITURN_ENVS, TASKS
 from agilerl_llm.testing import ARCHITECTURES, MODEL_SIZES
 
 
@@ -71,6 +71,32 @@ class TaskSettings(_Section):
     def _known_task(cls, value: str) -> str:
         if value not in TASKS:
             raise ValueError(f"unknown task {value!r}; choose one of {sorted(TASKS)}")
+        return value
+
+
+class MultiTurnSettings(_Section):
+    """A multi-turn run: the environment each episode is played in, and how many episodes a step plays.
+
+    ``env`` is a built-in environment (``agilerl_llm.envs.tasks.MULTITURN_ENVS``) or ``"package.module:factory"``,
+    a callable that returns a fresh ``MultiTurnEnv``; ``env_kwargs`` are passed to it. Held-out evaluation plays
+    ``num_eval_episodes`` seeds from ``eval_seed`` on, greedily; training seeds count up from ``seed``.
+    """
+
+    env: str = "guess_number"
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)
+    episodes_per_step: int = Field(8, ge=1)
+    seed: int = Field(0, ge=0)
+    num_eval_episodes: int = Field(64, ge=1)
+    eval_seed: int = Field(10_000, ge=0)
+
+    @field_validator("env")
+    @classmethod
+    def _known_env(cls, value: str) -> str:
+        if value not in MULTITURN_ENVS and ":" not in value:
+            raise ValueError(
+                f"unknown environment {value!r}; choose one of {sorted(MULTITURN_ENVS)} or give "
+                "'package.module:factory' (a callable returning a MultiTurnEnv)"
+            )
         return value
 
 
@@ -225,6 +251,8 @@ class RunConfig(_Section):
     output_dir: str = "runs/quickstart"
     model: ModelSettings = Field(default_factory=ModelSettings)
     task: TaskSettings = Field(default_factory=TaskSettings)
+    # A multi-turn run in an environment instead of the single-turn ``task`` (the two are exclusive).
+    multiturn: MultiTurnSettings | None = None
     warm_start: WarmStartSettings = Field(default_factory=WarmStartSettings)
     algorithm: AlgorithmSettings = Field(default_factory=AlgorithmSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
@@ -242,6 +270,22 @@ class RunConfig(_Section):
             raise ValueError(f"{value!r} exists and is not a folder; choose another output_dir")
         _check_can_create(path, "output_dir")
         return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_run(self) -> RunConfig:
+        # by value, not by fields set: overrides re-validate the resolved config, in which every section is set
+        if self.multiturn is not None and self.task != TaskSettings():
+            raise ValueError("task and multiturn are exclusive: a run trains on a single-turn task OR in a multi-turn "
+                             "environment; remove one of the two sections")  # fmt: skip
+        if self.multiturn is not None:
+            turns = self.multiturn
+            last_training_seed = turns.seed + self.training.max_steps * turns.episodes_per_step
+            if turns.eval_seed < last_training_seed and turns.seed < turns.eval_seed + turns.num_eval_episodes:
+                raise ValueError(
+                    f"multiturn: the held-out seeds {turns.eval_seed}..{turns.eval_seed + turns.num_eval_episodes - 1} "
+                    f"overlap the training seeds {turns.seed}..{last_training_seed - 1}; move eval_seed past them"
+                )
+        return self
 
     @model_validator(mode="after")
     def _writable_checkpoint_path(self) -> RunConfig:

@@ -1,6 +1,7 @@
 """The reasoning job: base model -> optional warm start -> RL with LoRA -> held-out reward before and after.
 
-``run_reasoning_job(config)`` is what the quickstart and ``agilerl-llm train`` run. Every model crosses
+``run_reasoning_job(config)`` is what the quickstart and ``agilerl-llm train`` run (``run_job`` hands a config with a
+``multiturn`` section to ``training/multiturn_job.py`` instead). Every model crosses
 the disk through ``save_pretrained`` / ``from_pretrained``, as a user's own checkpoint would: the tiny
 base (built in code, or warm-started) is written to ``<output_dir>/base`` and the RL agent loads it from
 there.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import inspect
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,8 @@ class JobResult:
     population: list[LLMAlgorithm] = field(default_factory=list)
     # False on every process but the main one of a multi-process launch (which alone reports).
     is_main: bool = True
+    # What exact_before / exact_after measure (a multi-turn run reports its success rate there).
+    exact_label: str = "held-out exact answers"
 
 
 def seed_everything(seed: int) -> None:
@@ -68,8 +72,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_base_model(config: RunConfig, train: list[dict], system_prompt: str | None) -> Path:
-    """The folder the RL agent loads: ``model.path`` as is, or a tiny model (warm-started if configured)."""
+def prepare_base_model(
+    config: RunConfig, demonstrations: Callable[[PreTrainedTokenizerBase], list[tuple[str, str]]] | None
+) -> Path:
+    """The folder the RL agent loads: ``model.path`` as is, or a tiny model (warm-started if configured).
+
+    ``demonstrations(tokenizer)`` gives the warm start's ``(prompt, completion)`` pairs, rendered with that
+    tokenizer; None when the task or environment has none (then ``warm_start.steps`` must be 0).
+    """
     if config.model.path is not None and config.warm_start.steps == 0:
         return Path(config.model.path)
     if config.model.path is not None:
@@ -81,13 +91,12 @@ def prepare_base_model(config: RunConfig, train: list[dict], system_prompt: str 
             config.model.size, architecture=config.model.architecture, tokenizer=tokenizer, seed=config.model.seed
         )
     if config.warm_start.steps > 0:
-        examples = [
-            (render_prompt(tokenizer, s["question"], system_prompt), s["answer"] + tokenizer.eos_token) for s in train
-        ]
+        if demonstrations is None:
+            raise ConfigError("warm_start.steps > 0 but this run has no demonstrations to learn from; set it to 0.")
         pretrain_on_demonstrations(
             model,
             tokenizer,
-            examples,
+            demonstrations(tokenizer),
             steps=config.warm_start.steps,
             batch_size=config.warm_start.batch_size,
             lr=config.warm_start.lr,
@@ -208,6 +217,15 @@ def make_logger(config: RunConfig, is_main: bool = True) -> MetricsLogger:
     )
 
 
+def run_job(config: RunConfig) -> JobResult:
+    """The job ``config`` describes: a multi-turn run when it has a ``multiturn`` section, else the reasoning job."""
+    if config.multiturn is not None:
+        from agilerl_llm.training.multiturn_job import run_multiturn_job  # it imports this module
+
+        return run_multiturn_job(config)
+    return run_reasoning_job(config)
+
+
 def run_reasoning_job(config: RunConfig) -> JobResult:
     """Run ``config`` end to end and report the held-out reward before and after RL."""
     started = time.perf_counter()
@@ -220,7 +238,13 @@ def run_reasoning_job(config: RunConfig) -> JobResult:
     train, test = task.make_dataset(config.task.num_train, config.task.num_test, config.task.seed)
     if dist.is_main:  # one process writes the files; the others load what it wrote
         write_resolved_config(config)
-        base_dir = prepare_base_model(config, train, task.system_prompt)
+        base_dir = prepare_base_model(
+            config,
+            lambda tokenizer: [
+                (render_prompt(tokenizer, s["question"], task.system_prompt), s["answer"] + tokenizer.eos_token)
+                for s in train
+            ],
+        )
     dist.barrier()
     base_dir = Path(dist.gather_objects(str(base_dir) if dist.is_main else None)[0])
     seed_everything(config.model.seed)  # every rank continues from the same generator states

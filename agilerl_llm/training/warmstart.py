@@ -15,8 +15,10 @@ Notation: B examples per batch, T tokens (prompt + completion, right-padded), V 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -133,3 +135,46 @@ def pretrain_on_demonstrations(
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     return model
+
+
+def episode_demonstrations(
+    tokenizer: PreTrainedTokenizerBase,
+    env_factory: Callable[[], Any],
+    policy: Callable[[list[dict[str, str]], random.Random], str],
+    seeds: Sequence[int],
+    *,
+    seed: int = 0,
+) -> list[tuple[str, str]]:
+    """``(conversation so far, next action + eos)`` pairs from multi-turn episodes a scripted ``policy`` plays.
+
+    Each prompt is the episode's chat rendered with the generation prompt, exactly as the RL collection renders
+    the first prompt (``ChatTurns``), so the warm start and the RL stage see one format.
+
+    Args:
+        tokenizer: the tokenizer with the chat template the episodes are rendered through.
+        env_factory: builds a fresh ``MultiTurnEnv``.
+        policy: ``policy(messages, rng) -> action text`` given the chat so far (system message, if the env has a
+            ``system_prompt``, then alternating user / assistant messages).
+        seeds: one episode per seed; keep them apart from the training and held-out seeds.
+        seed: seeds the ``random.Random`` handed to the policy.
+    """
+    from agilerl_llm.envs.multiturn import ChatTurns
+
+    rng, turns, pairs = random.Random(seed), ChatTurns(tokenizer), []
+    for episode_seed in seeds:
+        env = env_factory()
+        try:
+            observation, _ = env.reset(seed=episode_seed)
+            system_prompt = getattr(env, "system_prompt", None)
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            messages.append({"role": "user", "content": observation})
+            for _ in range(env.max_turns):
+                action = policy(messages, rng)
+                pairs.append((turns.render(messages, add_generation_prompt=True), action + tokenizer.eos_token))
+                observation, _, terminated, truncated, _ = env.step(action)
+                if terminated or truncated:
+                    break
+                messages += [{"role": "assistant", "content": action}, {"role": "user", "content": observation}]
+        finally:
+            env.close()
+    return pairs

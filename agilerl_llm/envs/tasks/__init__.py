@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from agilerl_llm.envs.tasks.guess_number import GuessTheNumber, demonstration_policy
 from agilerl_llm.envs.tasks.letters import (
     exact_match_reward,
     letters_reward,
@@ -41,6 +42,19 @@ TASKS: dict[str, Task] = {
 }
 
 
+class MultiTurnTask(NamedTuple):
+    """A built-in multi-turn environment: its factory (keyword arguments from ``multiturn.env_kwargs``) and, for a
+    warm start, a scripted player ``demonstration_policy(**env_kwargs) -> policy(messages, rng) -> action``."""
+
+    make_env: Callable[..., Any]
+    demonstration_policy: Callable[..., Callable[[list[dict[str, str]], Any], str]] | None
+
+
+MULTITURN_ENVS: dict[str, MultiTurnTask] = {
+    "guess_number": MultiTurnTask(GuessTheNumber, demonstration_policy),
+}
+
+
 def get_task(name: str) -> Task:
     """The task registered as ``name``; the error lists the valid names."""
     if name not in TASKS:
@@ -49,7 +63,9 @@ def get_task(name: str) -> Task:
 
 
 __all__ = [
+    "MULTITURN_ENVS",
     "TASKS",
+    "MultiTurnTask",
     "Task",
     "exact_match_reward",
     "get_task",

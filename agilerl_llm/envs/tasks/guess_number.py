@@ -49,3 +49,37 @@ class GuessTheNumber:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def remaining_range(messages: list[dict[str, str]], low: int, high: int) -> tuple[int, int]:
+    """The numbers still possible after the replies in ``messages`` (a chat of guesses and "higher" / "lower")."""
+    for guess_message, reply_message in zip(messages, messages[1:], strict=False):
+        if guess_message["role"] != "assistant" or reply_message["role"] != "user":
+            continue
+        found = NUMBER.search(guess_message["content"])
+        if found is None:
+            continue
+        guess, reply = int(found.group()), reply_message["content"]
+        if reply.startswith("higher"):
+            low = max(low, guess + 1)
+        elif reply.startswith("lower"):
+            high = min(high, guess - 1)
+    return low, max(low, high)  # replies from a real game never contradict; max() keeps a range non-empty
+
+
+def demonstration_policy(low: int = 1, high: int = 8, strategy: str = "random", **_: object):
+    """A scripted player for warm-start demonstrations: ``policy(messages, rng) -> guess``.
+
+    ``"random"`` guesses any number in [low, high] and ignores the replies (it teaches the answer format only);
+    ``"consistent"`` guesses at random among the numbers the replies still allow; ``"bisect"`` plays binary search.
+    """
+    if strategy not in {"random", "consistent", "bisect"}:
+        raise ValueError(f"strategy={strategy!r}; choose 'random', 'consistent' or 'bisect'.")
+
+    def policy(messages: list[dict[str, str]], rng: random.Random) -> str:
+        if strategy == "random":
+            return str(rng.randint(low, high))
+        lo, hi = remaining_range(messages, low, high)
+        return str((lo + hi) // 2 if strategy == "bisect" else rng.randint(lo, hi))
+
+    return policy
