@@ -274,6 +274,21 @@ def test_guess_the_number_rewards_fewer_turns():
     assert env.step(str(wrong))[3]  # the fourth miss truncates the episode
 
 
+def test_guess_the_number_can_reply_with_the_range_and_pay_for_consistent_guesses():
+    env = GuessTheNumber(low=1, high=8, max_turns=4, reply="range", consistent_guess_reward=0.1)
+    env.reset(seed=0)
+    env.target = 6
+    assert env.step("3")[:2] == ("higher: from 4 to 8", 0.1)  # allowed by the (empty) history: paid
+    assert env.step("2")[:2] == ("higher: from 4 to 8", 0.0)  # already ruled out: not paid, range unchanged
+    assert env.step("7")[:2] == ("lower: from 4 to 6", 0.1)
+    _, reward, terminated, _, info = env.step("6")
+    assert terminated and info["success"] and reward == pytest.approx(0.7)  # the win pays as before, no bonus
+    with pytest.raises(ValueError, match="reply="):
+        GuessTheNumber(reply="hints")
+    with pytest.raises(ValueError, match="consistent_guess_reward"):
+        GuessTheNumber(consistent_guess_reward=1.0)
+
+
 def adapters_of(agent) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in agent.adapters.state_dict("actor").items()}
 

@@ -5,6 +5,12 @@ number; the environment replies "higher", "lower" or ends the episode when the g
 ``1 - turn_penalty * (turns used - 1)``, so fewer turns earn more; a reply that is not a number earns nothing and
 is told so. Binary search finds any number in ceil(log2(high - low + 1)) turns, so a model that only guesses cannot
 do well and a model that listens to the replies can.
+
+Two options make the game easier to learn from scratch, without changing what success means. ``reply="range"``
+adds the numbers still possible to each reply ("higher: from 5 to 8"), so listening is reading the latest message
+rather than reasoning over the whole history. ``consistent_guess_reward`` pays a small reward for each wrong guess
+that the replies so far still allowed: a dense per-turn signal (what ``advantage_granularity="turn"`` uses) for
+the skill that winning needs.
 """
 
 from __future__ import annotations
@@ -19,19 +25,34 @@ NUMBER = re.compile(r"-?\d+")
 class GuessTheNumber:
     """A ``MultiTurnEnv``: find the secret number in at most ``max_turns`` guesses."""
 
-    def __init__(self, low: int = 1, high: int = 8, max_turns: int = 4, turn_penalty: float = 0.1) -> None:
+    def __init__(
+        self,
+        low: int = 1,
+        high: int = 8,
+        max_turns: int = 4,
+        turn_penalty: float = 0.1,
+        reply: str = "direction",
+        consistent_guess_reward: float = 0.0,
+    ) -> None:
         if high <= low:
             raise ValueError(f"high must be > low; got low={low}, high={high}.")
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
+        if reply not in {"direction", "range"}:
+            raise ValueError(f"reply={reply!r}; choose 'direction' (higher / lower) or 'range' (and what is left).")
+        if not 0.0 <= consistent_guess_reward < 1.0:
+            raise ValueError(f"consistent_guess_reward must be in [0, 1), got {consistent_guess_reward}.")
         self.low, self.high, self.max_turns, self.turn_penalty = low, high, max_turns, turn_penalty
+        self.reply, self.consistent_guess_reward = reply, consistent_guess_reward
         self.system_prompt: str | None = None
         self.target = low
         self.turns_used = 0
+        self.possible = (low, high)
 
     def reset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:
         self.target = random.Random(seed).randint(self.low, self.high)
         self.turns_used = 0
+        self.possible = (self.low, self.high)
         return f"Guess my number from {self.low} to {self.high}.", {"target": self.target}
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
@@ -44,8 +65,13 @@ class GuessTheNumber:
         if guess == self.target:
             info["success"] = True
             return "Correct!", 1.0 - self.turn_penalty * (self.turns_used - 1), True, False, info
+        lo, hi = self.possible
+        reward = self.consistent_guess_reward if lo <= guess <= hi else 0.0
+        self.possible = (max(lo, guess + 1), hi) if guess < self.target else (lo, min(hi, guess - 1))
         reply = "higher" if guess < self.target else "lower"
-        return reply, 0.0, False, self.turns_used >= self.max_turns, info
+        if self.reply == "range":
+            reply += f": from {self.possible[0]} to {self.possible[1]}"
+        return reply, reward, False, self.turns_used >= self.max_turns, info
 
     def close(self) -> None:
         """Nothing to release."""
