@@ -127,8 +127,8 @@ SPEC_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 # Open gaps (issue 16): methods not there yet, and spec parameter names a present method does not take yet.
 MISSING_METHODS = {
-    "copy_attributes", "evolvable_attributes", "get_action_dim", "get_policy", "get_state_dim", "load", "mut",
-    "preprocess_observation", "recompile", "register_network_group",
+    "copy_attributes", "evolvable_attributes", "get_action_dim", "get_state_dim", "load", "mut", "recompile",
+    "register_network_group",
 }  # fmt: skip
 MISSING_METHOD_PARAMETERS = {
     "get_action": {"*args", "**kwargs"},
@@ -195,3 +195,18 @@ def test_every_spec_method_exists_with_its_kind_and_parameters(name):
     spelled = {f"*{p.name}" if p.kind is p.VAR_POSITIONAL else f"**{p.name}" if p.kind is p.VAR_KEYWORD else p.name
                for p in ours.values()}  # fmt: skip
     assert {p for p in spec_parameters if p not in spelled} == MISSING_METHOD_PARAMETERS.get(name, set())
+
+
+def test_get_policy_is_the_trained_actor_and_observations_pass_through(tiny_model_dir, tokenizer):
+    agent = GRPO(
+        tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(tiny_model_dir), gradient_checkpointing=False
+    )
+    policy = agent.get_policy()
+    assert policy is agent.actor and "actor" in policy.peft_config
+    assert (
+        {n for n, p in policy.named_parameters() if p.requires_grad}
+        == {n for n, p in agent.actor.named_parameters() if p.requires_grad and ".actor." in n}
+        != set()
+    )
+    prompts = [{"input_ids": tokenizer("1+1=", return_tensors="pt")["input_ids"]}]
+    assert agent.preprocess_observation(prompts) is prompts

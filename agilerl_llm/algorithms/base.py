@@ -392,6 +392,14 @@ class LLMAlgorithm(GenerationMixin):
         self._weights_version += 1
         return grad_norm
 
+    def get_policy(self) -> PeftModel:
+        """The policy network: the PEFT model whose "actor" adapter is trained (the spec's ``get_policy``)."""
+        return self.actor
+
+    def preprocess_observation(self, observation: Any) -> Any:
+        """Returned unchanged: an LLM's observations are prompts its environment has already tokenized."""
+        return observation
+
     def get_lr_names(self) -> list[str]:
         """Names of the learning-rate attributes (mutated by evolution)."""
         return ["lr"]
