@@ -202,7 +202,14 @@ def _max_turns(envs: Sequence[MultiTurnEnv]) -> int:
     return int(next(iter(values)))
 
 
-def _as_messages(observation: Any, where: str) -> list[dict[str, str]]:
+def opening_messages(env: MultiTurnEnv, observation: Any, where: str) -> list[dict[str, str]]:
+    """An episode's first messages: the env's system prompt (when it has one), then its reset observation."""
+    system = getattr(env, "system_prompt", None)
+    return ([{"role": "system", "content": system}] if system else []) + as_messages(observation, where)
+
+
+def as_messages(observation: Any, where: str) -> list[dict[str, str]]:
+    """An observation as chat messages: a string is one user message; a list of messages is kept as is."""
     if isinstance(observation, str):
         return [{"role": "user", "content": observation}]
     if isinstance(observation, list) and all(
@@ -222,8 +229,7 @@ def _start(row: int, env: MultiTurnEnv, seed: int | None, turns: ChatTurns) -> _
         observation, info = env.reset(seed=seed)
     except Exception as error:
         raise MultiTurnEnvError(f"{where} raised {type(error).__name__}: {error}") from error
-    system = getattr(env, "system_prompt", None)
-    messages = ([{"role": "system", "content": system}] if system else []) + _as_messages(observation, where)
+    messages = opening_messages(env, observation, where)
     ids = turns.opening_ids(messages)
     return _Episode(row, seed, env, messages, ids, [False] * len(ids), [-1] * len(ids), info=dict(info or {}))
 
@@ -257,7 +263,7 @@ def _play_turn(
         episode.done, episode.truncated = True, bool(truncated) and not terminated
         return
     history = episode.messages + [{"role": "assistant", "content": text}]
-    observed = _as_messages(observation, where)
+    observed = as_messages(observation, where)
     env_ids = turns.environment_ids(history, observed, stop)
     if len(episode.token_ids) + len(env_ids) >= limit:  # no room left to generate the next action
         episode.done, episode.truncated = True, True

@@ -274,17 +274,18 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _one_kind_of_run(self) -> RunConfig:
         # by value, not by fields set: overrides re-validate the resolved config, in which every section is set
-        if self.multiturn is not None and self.task != TaskSettings():
+        turns = self.multiturn
+        if turns is None:
+            return self
+        if self.task != TaskSettings():
             raise ValueError("task and multiturn are exclusive: a run trains on a single-turn task OR in a multi-turn "
                              "environment; remove one of the two sections")  # fmt: skip
-        if self.multiturn is not None:
-            turns = self.multiturn
-            last_training_seed = turns.seed + self.training.max_steps * turns.episodes_per_step
-            if turns.eval_seed < last_training_seed and turns.seed < turns.eval_seed + turns.num_eval_episodes:
-                raise ValueError(
-                    f"multiturn: the held-out seeds {turns.eval_seed}..{turns.eval_seed + turns.num_eval_episodes - 1} "
-                    f"overlap the training seeds {turns.seed}..{last_training_seed - 1}; move eval_seed past them"
-                )
+        last_training_seed = turns.seed + self.training.max_steps * turns.episodes_per_step
+        if turns.eval_seed < last_training_seed and turns.seed < turns.eval_seed + turns.num_eval_episodes:
+            raise ValueError(
+                f"multiturn: the held-out seeds {turns.eval_seed}..{turns.eval_seed + turns.num_eval_episodes - 1} "
+                f"overlap the training seeds {turns.seed}..{last_training_seed - 1}; move eval_seed past them"
+            )
         return self
 
     @model_validator(mode="after")

@@ -217,6 +217,31 @@ def make_logger(config: RunConfig, is_main: bool = True) -> MetricsLogger:
     )
 
 
+def start_processes(config: RunConfig) -> tuple[Any | None, Distributed]:
+    """Thread count, the accelerator of a multi-process launch (None in one process) and the seeded generators."""
+    if config.training.num_threads is not None:
+        torch.set_num_threads(config.training.num_threads)
+    accelerator = make_accelerator() if launched_world_size() > 1 else None
+    seed_everything(config.model.seed)
+    return accelerator, Distributed(accelerator)
+
+
+def shared_base_model(
+    config: RunConfig,
+    dist: Distributed,
+    demonstrations: Callable[[PreTrainedTokenizerBase], list[tuple[str, str]]] | None,
+) -> tuple[Path, PreTrainedTokenizerBase]:
+    """The base model folder and its tokenizer on every process: the main one writes the resolved config and
+    prepares the base (``prepare_base_model``), the others wait and load what it wrote."""
+    if dist.is_main:
+        write_resolved_config(config)
+        base_dir = prepare_base_model(config, demonstrations)
+    dist.barrier()
+    base_dir = Path(dist.gather_objects(str(base_dir) if dist.is_main else None)[0])
+    seed_everything(config.model.seed)  # every rank continues from the same generator states
+    return base_dir, AutoTokenizer.from_pretrained(base_dir)
+
+
 def run_job(config: RunConfig) -> JobResult:
     """The job ``config`` describes: a multi-turn run when it has a ``multiturn`` section, else the reasoning job."""
     if config.multiturn is not None:
@@ -229,26 +254,17 @@ def run_job(config: RunConfig) -> JobResult:
 def run_reasoning_job(config: RunConfig) -> JobResult:
     """Run ``config`` end to end and report the held-out reward before and after RL."""
     started = time.perf_counter()
-    if config.training.num_threads is not None:
-        torch.set_num_threads(config.training.num_threads)
-    accelerator = make_accelerator() if launched_world_size() > 1 else None
-    dist = Distributed(accelerator)
-    seed_everything(config.model.seed)
+    accelerator, dist = start_processes(config)
     task = get_task(config.task.name)
     train, test = task.make_dataset(config.task.num_train, config.task.num_test, config.task.seed)
-    if dist.is_main:  # one process writes the files; the others load what it wrote
-        write_resolved_config(config)
-        base_dir = prepare_base_model(
-            config,
-            lambda tokenizer: [
-                (render_prompt(tokenizer, s["question"], task.system_prompt), s["answer"] + tokenizer.eos_token)
-                for s in train
-            ],
-        )
-    dist.barrier()
-    base_dir = Path(dist.gather_objects(str(base_dir) if dist.is_main else None)[0])
-    seed_everything(config.model.seed)  # every rank continues from the same generator states
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base_dir, tokenizer = shared_base_model(
+        config,
+        dist,
+        lambda tokenizer: [
+            (render_prompt(tokenizer, s["question"], task.system_prompt), s["answer"] + tokenizer.eos_token)
+            for s in train
+        ],
+    )
     env = ReasoningGym(
         train,
         test,

@@ -12,13 +12,10 @@ import functools
 import importlib
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from agilerl_llm.distributed import Distributed, launched_world_size, make_accelerator
 from agilerl_llm.envs.multiturn import MultiTurnEnv
 from agilerl_llm.envs.tasks import MULTITURN_ENVS
 from agilerl_llm.training.config import ConfigError, MultiTurnSettings, RunConfig
@@ -27,9 +24,8 @@ from agilerl_llm.training.job import (
     build_population,
     evolution_arguments,
     make_logger,
-    prepare_base_model,
-    seed_everything,
-    write_resolved_config,
+    shared_base_model,
+    start_processes,
 )
 from agilerl_llm.training.loop import fittest_first
 from agilerl_llm.training.multiturn import finetune_llm_multiturn
@@ -91,21 +87,11 @@ def run_multiturn_job(config: RunConfig) -> JobResult:
     if config.multiturn is None:
         raise ConfigError("run_multiturn_job needs a config with a multiturn section.")
     started = time.perf_counter()
-    if config.training.num_threads is not None:
-        torch.set_num_threads(config.training.num_threads)
     settings = config.multiturn
     factory = env_factory(settings)
     demonstrations = demonstrations_for(config, factory)
-    accelerator = make_accelerator() if launched_world_size() > 1 else None
-    dist = Distributed(accelerator)
-    seed_everything(config.model.seed)
-    if dist.is_main:
-        write_resolved_config(config)
-        base_dir = prepare_base_model(config, demonstrations)
-    dist.barrier()
-    base_dir = Path(dist.gather_objects(str(base_dir) if dist.is_main else None)[0])
-    seed_everything(config.model.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    accelerator, dist = start_processes(config)
+    base_dir, tokenizer = shared_base_model(config, dist, demonstrations)
     pop = build_population(config, base_dir, tokenizer, accelerator)
     eval_seeds = [settings.eval_seed + i for i in range(settings.num_eval_episodes)]
     pop, history = finetune_llm_multiturn(

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from agilerl_llm.envs.multiturn import ChatTurns, as_messages, opening_messages
+
 IGNORE_INDEX = -100
 
 
@@ -158,23 +160,21 @@ def episode_demonstrations(
         seeds: one episode per seed; keep them apart from the training and held-out seeds.
         seed: seeds the ``random.Random`` handed to the policy.
     """
-    from agilerl_llm.envs.multiturn import ChatTurns
-
     rng, turns, pairs = random.Random(seed), ChatTurns(tokenizer), []
     for episode_seed in seeds:
         env = env_factory()
+        where = f"demonstration episode (seed {episode_seed})"
         try:
             observation, _ = env.reset(seed=episode_seed)
-            system_prompt = getattr(env, "system_prompt", None)
-            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-            messages.append({"role": "user", "content": observation})
+            messages = opening_messages(env, observation, f"{where}: env.reset")
             for _ in range(env.max_turns):
                 action = policy(messages, rng)
                 pairs.append((turns.render(messages, add_generation_prompt=True), action + tokenizer.eos_token))
                 observation, _, terminated, truncated, _ = env.step(action)
                 if terminated or truncated:
                     break
-                messages += [{"role": "assistant", "content": action}, {"role": "user", "content": observation}]
+                messages += [{"role": "assistant", "content": action}]
+                messages += as_messages(observation, f"{where}: env.step")
         finally:
             env.close()
     return pairs

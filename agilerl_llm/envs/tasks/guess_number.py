@@ -67,14 +67,24 @@ class GuessTheNumber:
             return "Correct!", 1.0 - self.turn_penalty * (self.turns_used - 1), True, False, info
         lo, hi = self.possible
         reward = self.consistent_guess_reward if lo <= guess <= hi else 0.0
-        self.possible = (max(lo, guess + 1), hi) if guess < self.target else (lo, min(hi, guess - 1))
         reply = "higher" if guess < self.target else "lower"
+        self.possible = narrowed(self.possible, guess, reply)
         if self.reply == "range":
             reply += f": from {self.possible[0]} to {self.possible[1]}"
         return reply, reward, False, self.turns_used >= self.max_turns, info
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def narrowed(possible: tuple[int, int], guess: int, reply: str) -> tuple[int, int]:
+    """The range ``possible`` after ``guess`` drew ``reply`` ("higher..." / "lower..."; anything else changes nothing)."""
+    low, high = possible
+    if reply.startswith("higher"):
+        return max(low, guess + 1), high
+    if reply.startswith("lower"):
+        return low, min(high, guess - 1)
+    return possible
 
 
 def remaining_range(messages: list[dict[str, str]], low: int, high: int) -> tuple[int, int]:
@@ -85,11 +95,7 @@ def remaining_range(messages: list[dict[str, str]], low: int, high: int) -> tupl
         found = NUMBER.search(guess_message["content"])
         if found is None:
             continue
-        guess, reply = int(found.group()), reply_message["content"]
-        if reply.startswith("higher"):
-            low = max(low, guess + 1)
-        elif reply.startswith("lower"):
-            high = min(high, guess - 1)
+        low, high = narrowed((low, high), int(found.group()), reply_message["content"])
     return low, max(low, high)  # replies from a real game never contradict; max() keeps a range non-empty
 
 
