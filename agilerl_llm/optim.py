@@ -7,9 +7,11 @@ a linear warm-up followed by a cosine decay, stepped once per optimizer step.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -47,6 +49,24 @@ class PeakScaledLR(LambdaLR):
         return [
             group["initial_lr"] * factor(self.last_epoch) for factor, group in zip(self.lr_lambdas, groups, strict=True)
         ]
+
+
+def as_schedule_config(value: CosineLRScheduleConfig | Mapping[str, Any] | None) -> CosineLRScheduleConfig | None:
+    """``cosine_lr_schedule_config`` as given to an agent: a config, a mapping of its fields (validated), or None."""
+    if value is None or isinstance(value, CosineLRScheduleConfig):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return CosineLRScheduleConfig(**value)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"cosine_lr_schedule_config.{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors()
+            )
+            raise ValueError(f"Invalid learning-rate schedule: {problems}.") from None
+    raise TypeError(
+        "cosine_lr_schedule_config must be a CosineLRScheduleConfig, a mapping of its fields "
+        f"(num_epochs, warmup_proportion, min_lr_ratio) or None; got {type(value).__name__}."
+    )
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: CosineLRScheduleConfig | None) -> LambdaLR | None:

@@ -19,12 +19,17 @@ success (64 seeds, 1..8, 3 turns), measured on 2 cores, one seed each:
     random guesses, --reply range          lr 1e-3 turn, --consistent-guess-reward 0.2    0.109   0.156 (30), 0.297 (60), 0.141 (90)
     consistent guesses (40 steps)          lr 1e-3 trajectory, 100 steps                  0.203   0.281 (40), 0.203 (60)
     bisection demonstrations (25 steps)    lr 1e-3 turn, 150 steps                        0.406   0.33-0.50, ending 0.328
+    bisection, 10 steps, --reply range     lr 5e-4 turn, reward 0.2, temperature 0.7      0.156   0.297 (60), 0.391 (120)
+      the same, --seed 1                   the same                                       0.156   0.156 (120)
+      the same, seed 0                     lr 1e-3, cosine decay                          0.156   0.297 (60 and 120)
 
-The sampled training success stays at the level of random play (~0.33) in every row. Not a pipeline bug as far
-as measured: a two-turn game whose second answer is fixed is learned (greedy success 0 -> 1 in 15 steps), so
-later turns get credit; what this model lacks is learning a guess that depends on the replies from a sparse
-reward. The greedy metric is coarse here too: 64 seeds share 8 secrets, so it moves in steps of about 1/8.
-What makes the game learnable at this size is open (issue 15).
+The sampled training success stays at the level of random play (~0.33) in the first five rows, and moves from
+0.22 to 0.30 in the last three. Not a pipeline bug as far as measured: a two-turn game whose second answer is fixed
+is learned (greedy success 0 -> 1 in 15 steps), so later turns get credit; the log-probs learned from equal a
+fresh forward of each unpadded episode (to 2e-7). But a one-turn game that only asks to copy a door number from
+the prompt (4 doors, dense reward) is not learned from reward alone in 40 steps either: what this model lacks is
+learning an answer that depends on what it reads, from reward. The greedy metric is coarse too: 64 seeds share
+8 secrets, so it moves in steps of about 1/8. What makes the game learnable at this size is open (issue 15).
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ def main() -> None:
         default=0.0,
         help="reward for a wrong guess the replies still allowed (a dense per-turn signal)",
     )
+    parser.add_argument("--warm-start-steps", type=int, default=60)
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--output-dir", default="runs/guess_number")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -87,13 +94,13 @@ def main() -> None:
     demonstrations = episode_demonstrations(
         tokenizer, env_factory, policy, [-1 - i for i in range(400)], seed=args.seed
     )
-    pretrain_on_demonstrations(model, tokenizer, demonstrations, steps=60, batch_size=32, lr=3e-3)
+    pretrain_on_demonstrations(model, tokenizer, demonstrations, steps=args.warm_start_steps, batch_size=32, lr=3e-3)
     base = Path(args.output_dir) / "base"
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     agent = GRPO(tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(base), group_size=8, batch_size=64,
-                 lr=args.lr, beta=0.0, temperature=1.0, top_k=0, top_p=1.0, max_output_tokens=4,
+                 lr=args.lr, beta=0.0, temperature=args.temperature, top_k=0, top_p=1.0, max_output_tokens=4,
                  advantage_granularity=args.advantage_granularity, gradient_checkpointing=False, seed=args.seed,
                  max_model_len=256)  # fmt: skip
     eval_seeds = [10_000 + i for i in range(64)]

@@ -276,3 +276,13 @@ def test_works_under_a_single_process_accelerator(tiny_model, tokenizer, batch):
         rtol=0,
         atol=0,
     )
+
+
+def test_a_schedule_given_as_a_mapping_is_validated_into_a_config(tiny_model, tokenizer):
+    agent = make_agent(tiny_model, tokenizer, cosine_lr_schedule_config={"num_epochs": 10, "warmup_proportion": 0.2})
+    assert agent.cosine_lr_schedule_config == CosineLRScheduleConfig(num_epochs=10, warmup_proportion=0.2)
+    assert agent.lr_scheduler is not None and agent.optimizer.param_groups[0]["lr"] < agent.lr  # warming up
+    with pytest.raises(ValueError, match="cosine_lr_schedule_config.num_epochs: Input should be greater than 0"):
+        make_agent(tiny_model, tokenizer, cosine_lr_schedule_config={"num_epochs": 0})
+    with pytest.raises(TypeError, match="cosine_lr_schedule_config must be"):
+        make_agent(tiny_model, tokenizer, cosine_lr_schedule_config=10)

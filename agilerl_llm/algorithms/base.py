@@ -41,7 +41,13 @@ from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
 from agilerl_llm.model.forward import HiddenStatesModel, enable_activation_checkpointing
 from agilerl_llm.model.logprobs import fused_logprobs
 from agilerl_llm.model.sampling_logprobs import processed_logprobs
-from agilerl_llm.optim import CosineLRScheduleConfig, build_lr_scheduler, build_optimizer, set_learning_rate
+from agilerl_llm.optim import (
+    CosineLRScheduleConfig,
+    as_schedule_config,
+    build_lr_scheduler,
+    build_optimizer,
+    set_learning_rate,
+)
 from agilerl_llm.rollout.base import SamplingSettings
 
 # Attributes that hold collaborators (networks, optimizer, accelerator, hooks), not hyperparameters.
@@ -115,7 +121,7 @@ class LLMAlgorithm(GenerationMixin):
         max_grad_norm: float | None = 0.1,
         micro_batch_size_per_gpu: int | None = None,
         lora_config: LoraConfig | None = None,
-        cosine_lr_schedule_config: CosineLRScheduleConfig | None = None,
+        cosine_lr_schedule_config: CosineLRScheduleConfig | dict[str, Any] | None = None,
         use_separate_reference_adapter: bool = True,
         accelerator: Any | None = None,
         device: str = "cpu",
@@ -139,7 +145,7 @@ class LLMAlgorithm(GenerationMixin):
         self.lr = lr
         self.max_grad_norm = max_grad_norm
         self.micro_batch_size_per_gpu = micro_batch_size_per_gpu or batch_size
-        self.cosine_lr_schedule_config = cosine_lr_schedule_config
+        self.cosine_lr_schedule_config = as_schedule_config(cosine_lr_schedule_config)
         self.use_separate_reference_adapter = use_separate_reference_adapter
         self.accelerator = accelerator
         self.dist = Distributed(accelerator)  # refuses a multi-process launch this accelerator cannot see
