@@ -86,15 +86,16 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: CosineLRSchedul
     return PeakScaledLR(optimizer, lr_factor)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the peak learning rate of every parameter group.
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float | tuple[float, ...]) -> None:
+    """Set the peak learning rate of every parameter group (one rate for all, or one per group).
 
     Under a schedule (the group has an ``initial_lr``) the peak moves and the current lr keeps its place in
     the schedule (current / peak stays the same); ``PeakScaledLR`` then scales the new peak at every step.
     Without a schedule the lr is simply ``lr``.
     """
-    for group in optimizer.param_groups:
+    rates = lr if isinstance(lr, tuple) else (lr,) * len(optimizer.param_groups)
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
         peak = group.get("initial_lr")
-        group["lr"] = lr * group["lr"] / peak if peak else lr
+        group["lr"] = rate * group["lr"] / peak if peak else rate
         if peak is not None:
-            group["initial_lr"] = lr
+            group["initial_lr"] = rate

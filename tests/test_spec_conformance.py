@@ -79,7 +79,7 @@ SPEC_PARAMETERS: dict[str, object] = {
 }
 
 # Accepted and refused with a clear error when set (issue 16 builds them).
-NOT_YET_AVAILABLE = {"quantization_config", "torch_compiler", "lora_target_scope"}
+NOT_YET_AVAILABLE = {"quantization_config", "lora_target_scope"}
 # Signature default None, resolved at construction to the spec's default.
 RESOLVED_AT_CONSTRUCTION = {"loss_type"}
 
@@ -126,17 +126,11 @@ SPEC_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 # Open gaps (issue 16): methods not there yet, and spec parameter names a present method does not take yet.
-MISSING_METHODS = {
-    "copy_attributes", "evolvable_attributes", "get_action_dim", "get_state_dim", "load", "mut", "recompile",
-    "register_network_group",
-}  # fmt: skip
+MISSING_METHODS: set[str] = set()
 MISSING_METHOD_PARAMETERS = {
     "get_action": {"*args", "**kwargs"},
-    "population": {"observation_space", "action_space", "wrapper_cls", "wrapper_kwargs"},
-    "reinit_optimizers": {"optimizer"},
     "save_checkpoint": {"**kwargs"},
     "test": {"*args", "**kwargs"},
-    "update_lr": {"accelerator", "scheduler_config"},
 }
 
 

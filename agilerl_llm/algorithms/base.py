@@ -15,7 +15,6 @@ generate). Constructor arguments follow the AgileRL LLM API names and defaults.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import random
 import warnings
@@ -29,7 +28,8 @@ from peft import LoraConfig, PeftModel
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from agilerl_llm.algorithms.arguments import check_base_arguments, is_plain
+from agilerl_llm.algorithms.arguments import check_base_arguments
+from agilerl_llm.algorithms.evolvable import EvolvableMixin, check_compile_mode
 from agilerl_llm.algorithms.generation import GenerationMixin
 from agilerl_llm.checkpoint.agent import apply_state
 from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
@@ -46,29 +46,11 @@ from agilerl_llm.optim import (
     as_schedule_config,
     build_lr_scheduler,
     build_optimizer,
-    set_learning_rate,
 )
 from agilerl_llm.rollout.base import SamplingSettings
 
-# Attributes that hold collaborators (networks, optimizer, accelerator, hooks), not hyperparameters.
-_COLLABORATORS = frozenset(
-    {
-        "adapters",
-        "actor",
-        "policy_forward",
-        "optimizer",
-        "lr_scheduler",
-        "accelerator",
-        "dist",
-        "engine",
-        "mutation_hooks",
-        "hp_config",
-        "rollout_engine",
-    }
-)
 
-
-class LLMAlgorithm(GenerationMixin):
+class LLMAlgorithm(EvolvableMixin, GenerationMixin):
     """Base class of the LLM algorithms: model + named LoRA adapters, optimizer, log-probs, cloning.
 
     Args:
@@ -99,6 +81,8 @@ class LLMAlgorithm(GenerationMixin):
         cast_logprobs_to_fp32: reduce log-probs in fp32 (see ``fused_logprobs``).
         fused_logprobs_chunk_rows: rows per logits tile in the fused op; None auto-sizes to ~128 MiB of fp32 logits.
         calc_position_embeddings: derive position ids from the attention mask (left padding).
+        torch_compiler: a ``torch.compile`` mode for the training forward ("default", "reduce-overhead", ...);
+            None runs it eagerly. Recompiled after cloning (``recompile``); not applied under DeepSpeed.
     """
 
     uses_critic: ClassVar[bool] = False
@@ -132,6 +116,7 @@ class LLMAlgorithm(GenerationMixin):
         cast_logprobs_to_fp32: bool = True,
         fused_logprobs_chunk_rows: int | None = None,
         calc_position_embeddings: bool = True,
+        torch_compiler: str | None = None,
     ) -> None:
         check_base_arguments(pad_token_id, batch_size, lr, max_grad_norm, micro_batch_size_per_gpu, index)
         if fused_logprobs_chunk_rows is not None and fused_logprobs_chunk_rows < 1:
@@ -156,6 +141,8 @@ class LLMAlgorithm(GenerationMixin):
         self.cast_logprobs_to_fp32 = cast_logprobs_to_fp32
         self.fused_logprobs_chunk_rows = fused_logprobs_chunk_rows
         self.calc_position_embeddings = calc_position_embeddings
+        check_compile_mode(torch_compiler)
+        self.torch_compiler = torch_compiler
         if self.dist.zero_stage == 3 and (reason := self.zero3_refusal()):
             raise NotImplementedError(
                 f"{type(self).__name__} does not run under DeepSpeed ZeRO-3 {reason} Or use data parallel "
@@ -183,6 +170,7 @@ class LLMAlgorithm(GenerationMixin):
             self.rollout_engine.attach(self)
         if accelerator is not None and wrap:
             self.wrap_models()
+        self.recompile()
 
     def zero3_refusal(self) -> str | None:
         """Why this agent, as configured, cannot run under DeepSpeed ZeRO-3 (None: it can)."""
@@ -349,8 +337,8 @@ class LLMAlgorithm(GenerationMixin):
     def policy_forward_module(self) -> HiddenStatesModel:
         """The ``HiddenStatesModel`` with any accelerator wrapper removed."""
         if self.accelerator is not None:
-            return self.accelerator.unwrap_model(self.policy_forward)
-        return self.policy_forward
+            return self.accelerator.unwrap_model(self.policy_forward, keep_torch_compile=False)
+        return getattr(self.policy_forward, "_orig_mod", self.policy_forward)  # without torch.compile's wrapper
 
     @property
     def weights_version(self) -> int:
@@ -374,15 +362,6 @@ class LLMAlgorithm(GenerationMixin):
         self.optimizer = build_optimizer(self.trainable_parameters(), self.lr)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cosine_lr_schedule_config)
 
-    def reinit_optimizers(self) -> None:
-        """Fresh optimizer and schedule over the trainable adapters (state is dropped); under DeepSpeed a fresh
-        engine around them."""
-        if self.engine is not None:
-            self.policy_forward, self.engine = self.policy_forward_module, None
-        self._build_optimizer()
-        if self.accelerator is not None:
-            self.wrap_models()
-
     def _backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of ``loss``, this rank's share of the step's global loss (see distributed.py)."""
         self.dist.backward(loss, self.engine)
@@ -405,17 +384,6 @@ class LLMAlgorithm(GenerationMixin):
     def preprocess_observation(self, observation: Any) -> Any:
         """Returned unchanged: an LLM's observations are prompts its environment has already tokenized."""
         return observation
-
-    def get_lr_names(self) -> list[str]:
-        """Names of the learning-rate attributes (mutated by evolution)."""
-        return ["lr"]
-
-    @staticmethod
-    def update_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-        """Set a new peak learning rate on ``optimizer`` (schedules keep their shape)."""
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}.")
-        set_learning_rate(optimizer, lr)
 
     # ------------------------------------------------------------------------------------------ modes & wrapping
     def set_training_mode(self, training: bool) -> None:
@@ -518,6 +486,15 @@ class LLMAlgorithm(GenerationMixin):
         """Write this agent to the folder ``path``; see ``agilerl_llm.checkpoint.agent`` for the layout and grid."""
         save_agent_checkpoint(self, path, lora_only=lora_only, save_optimizer=save_optimizer)
 
+    @classmethod
+    def load(cls, path: str, device: str | torch.device = "cpu", accelerator: Any | None = None) -> LLMAlgorithm:
+        """A working agent rebuilt from the checkpoint folder ``path`` alone, on ``device`` (or the accelerator's):
+        its base model (recorded in the checkpoint), settings, adapters, optimizer and schedule as saved. See
+        ``agilerl_llm.checkpoint.rebuild``."""
+        from agilerl_llm.checkpoint.rebuild import load_agent
+
+        return load_agent(cls, path, device, accelerator)
+
     def load_checkpoint(
         self,
         path: str,
@@ -533,96 +510,6 @@ class LLMAlgorithm(GenerationMixin):
         load_agent_checkpoint(
             self, path, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter, check_base_model
         )
-
-    # ------------------------------------------------------------------------------------------ population
-    @property
-    def index(self) -> int:
-        """The agent's id in its population."""
-        return self._index
-
-    @index.setter
-    def index(self, value: int) -> None:
-        self._index = value
-
-    def register_mutation_hook(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` after every mutation of this agent (and of its clones)."""
-        self.mutation_hooks.append(hook)
-
-    def mutation_hook(self) -> None:
-        """Run the registered mutation hooks."""
-        for hook in self.mutation_hooks:
-            hook()
-
-    def clone(self, index: int | None = None, wrap: bool = True) -> LLMAlgorithm:
-        """An independent agent with identical adapters, optimizer and schedule state.
-
-        The frozen base weights are shared (same tensors): a clone costs its adapters and optimizer state
-        only. Training the clone never changes this agent, and vice versa.
-        """
-        if self.dist.zero_stage == 3:
-            raise NotImplementedError(
-                "clone() (and so populations and tournament selection) is not supported under DeepSpeed ZeRO-3: the "
-                "adapters are partitioned across processes and a member cannot share them. Train populations with "
-                "data parallel (configs/accelerate/ddp.yaml) or ZeRO-2 (configs/accelerate/zero2.yaml)."
-            )
-        clone = object.__new__(type(self))
-        for name, value in self.__dict__.items():
-            if name not in _COLLABORATORS:
-                clone.__dict__[name] = copy.deepcopy(value)
-        clone.accelerator = self.accelerator
-        clone.dist = self.dist
-        clone.engine = None
-        clone.hp_config = self.hp_config
-        clone.mutation_hooks = list(self.mutation_hooks)
-        if "rollout_engine" in self.__dict__:
-            clone.rollout_engine = self.rollout_engine.for_clone(clone)
-        clone.adapters = self.adapters.copy_sharing_base()
-        clone.actor = clone.adapters.model
-        clone.policy_forward = clone.make_policy_forward(clone.actor)
-        clone._build_optimizer()
-        # Adapters, extra modules, optimizer and schedule through the checkpoint contract (host copies: nothing
-        # is shared with this agent afterwards).
-        # Under DeepSpeed the engine owns the optimizer state, which a fresh optimizer cannot take: the clone
-        # starts with a fresh optimizer (and its engine, once wrapped).
-        plain = self.engine is None
-        clone.load_checkpoint_state(
-            self.checkpoint_state(lora_only=True, save_optimizer=plain, to_host=True),
-            load_optimizer=plain,
-            overwrite_reference_adapter=True,
-            overwrite_critic_adapter=True,
-        )
-        if index is not None:
-            clone.index = index
-        if self.accelerator is not None and wrap:
-            clone.wrap_models()
-        return clone
-
-    @classmethod
-    def population(cls, size: int, hp_config: HyperparameterConfig | None = None, **kwargs: Any) -> list[LLMAlgorithm]:
-        """``size`` members sharing one frozen base model: ``create_population(cls, size, ...)``."""
-        from agilerl_llm.evolution.population import create_population
-
-        return create_population(cls, size, hp_config=hp_config, **kwargs)
-
-    @staticmethod
-    def inspect_attributes(agent: LLMAlgorithm, input_args_only: bool = False) -> dict[str, Any]:
-        """The agent's plain-data attributes (hyperparameters and settings), without networks or optimizers.
-
-        Args:
-            input_args_only: keep only attributes that are constructor arguments.
-        """
-        attributes = {"index": agent.index}
-        for name, value in vars(agent).items():
-            if name.startswith("_") or name in _COLLABORATORS or not is_plain(value):
-                continue
-            attributes[name] = value
-        if input_args_only:
-            accepted = set()
-            for cls in type(agent).__mro__:
-                if "__init__" in cls.__dict__:
-                    accepted |= set(inspect.signature(cls.__init__).parameters)
-            attributes = {name: value for name, value in attributes.items() if name in accepted}
-        return attributes
 
 
 def _load_network(

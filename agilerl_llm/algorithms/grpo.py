@@ -48,7 +48,6 @@ from agilerl_llm.rollout.vllm import VLLMConfig
 # non-default value raises instead of silently training without the feature.
 _NOT_YET_AVAILABLE = {
     "quantization_config": None,
-    "torch_compiler": None,
     "lora_target_scope": None,
 }
 

@@ -161,6 +161,7 @@ def _payload(
     engine_saves: bool,
     named: dict[str, torch.nn.Parameter] | None = None,
 ) -> dict[str, Any]:
+    schedule = agent.cosine_lr_schedule_config
     payload: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "algorithm": type(agent).__name__,
@@ -170,6 +171,8 @@ def _payload(
         "lora_config": _plain_lora_config(agent.lora_config),
         "base_shapes": base_shapes(agent, named),
         "base_fingerprint": base_fingerprint(agent.actor),
+        "base_model": base_model_reference(agent),
+        "lr_schedule_config": None if schedule is None else schedule.model_dump(),
         "lora_only": lora_only,
         "engine_checkpoint": engine_saves,
     }
@@ -181,6 +184,14 @@ def _payload(
             payload["optimizer"] = agent.optimizer.state_dict()
         payload["lr_scheduler"] = agent.lr_scheduler.state_dict() if agent.lr_scheduler is not None else None
     return payload
+
+
+def base_model_reference(agent: LLMAlgorithm) -> str | None:
+    """What ``from_pretrained`` rebuilds this agent's base from: its ``model_name``, else the name or path the
+    base model was loaded from; None for a model built in memory (``GRPO.load`` then cannot rebuild it)."""
+    if agent.model_name:
+        return str(agent.model_name)
+    return getattr(agent.actor.get_base_model().config, "_name_or_path", None) or None
 
 
 def _adapter_weights(agent: LLMAlgorithm) -> dict[str, dict[str, torch.Tensor]]:
