@@ -79,7 +79,7 @@ SPEC_PARAMETERS: dict[str, object] = {
 }
 
 # Accepted and refused with a clear error when set (issue 16 builds them).
-NOT_YET_AVAILABLE = {"quantization_config", "lora_target_scope"}
+NOT_YET_AVAILABLE = {"lora_target_scope"}
 # Signature default None, resolved at construction to the spec's default.
 RESOLVED_AT_CONSTRUCTION = {"loss_type"}
 
@@ -204,3 +204,12 @@ def test_get_policy_is_the_trained_actor_and_observations_pass_through(tiny_mode
     )
     prompts = [{"input_ids": tokenizer("1+1=", return_tensors="pt")["input_ids"]}]
     assert agent.preprocess_observation(prompts) is prompts
+
+
+def test_sequence_packing_says_it_is_inert(tiny_model_dir, tokenizer):
+    from agilerl_llm.rollout import vllm
+
+    vllm._warned.discard("use_sequence_packing")
+    with pytest.warns(UserWarning, match="use_sequence_packing=True has no effect yet"):
+        GRPO(tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(tiny_model_dir), use_sequence_packing=True,
+             gradient_checkpointing=False)  # fmt: skip

@@ -40,6 +40,12 @@ from agilerl_llm.evolution.hyperparameters import HyperparameterConfig, as_hyper
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
 from agilerl_llm.model.forward import HiddenStatesModel, enable_activation_checkpointing
 from agilerl_llm.model.logprobs import fused_logprobs
+from agilerl_llm.model.quantization import (
+    check_output_head_unquantized,
+    check_quantization_config,
+    is_quantized,
+    prepare_quantized_base,
+)
 from agilerl_llm.model.sampling_logprobs import processed_logprobs
 from agilerl_llm.optim import (
     CosineLRScheduleConfig,
@@ -81,6 +87,8 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         cast_logprobs_to_fp32: reduce log-probs in fp32 (see ``fused_logprobs``).
         fused_logprobs_chunk_rows: rows per logits tile in the fused op; None auto-sizes to ~128 MiB of fp32 logits.
         calc_position_embeddings: derive position ids from the attention mask (left padding).
+        quantization_config: a ``transformers.BitsAndBytesConfig`` to load the base 4-bit or 8-bit (QLoRA); the
+            lm_head stays in full precision. See ``model/quantization.py``.
         torch_compiler: a ``torch.compile`` mode for the training forward ("default", "reduce-overhead", ...);
             None runs it eagerly. Recompiled after cloning (``recompile``); not applied under DeepSpeed.
     """
@@ -117,6 +125,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         fused_logprobs_chunk_rows: int | None = None,
         calc_position_embeddings: bool = True,
         torch_compiler: str | None = None,
+        quantization_config: Any | None = None,
     ) -> None:
         check_base_arguments(pad_token_id, batch_size, lr, max_grad_norm, micro_batch_size_per_gpu, index)
         if fused_logprobs_chunk_rows is not None and fused_logprobs_chunk_rows < 1:
@@ -143,6 +152,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         self.calc_position_embeddings = calc_position_embeddings
         check_compile_mode(torch_compiler)
         self.torch_compiler = torch_compiler
+        self.quantization_config = check_quantization_config(quantization_config)
         if self.dist.zero_stage == 3 and (reason := self.zero3_refusal()):
             raise NotImplementedError(
                 f"{type(self).__name__} does not run under DeepSpeed ZeRO-3 {reason} Or use data parallel "
@@ -159,7 +169,10 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         if clone:
             return  # clone() fills in the collaborators itself
         _seed_everything(seed)
-        network = _load_network(actor_network, model_name, model_config)
+        network = _load_network(actor_network, model_name, model_config, self.quantization_config)
+        if is_quantized(network):
+            check_output_head_unquantized(network)
+            network = prepare_quantized_base(network)
         if gradient_checkpointing:
             enable_activation_checkpointing(network)
         self.adapters = AdapterSet(network, lora_config, self.adapter_names())
@@ -513,15 +526,24 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
 
 
 def _load_network(
-    actor_network: PreTrainedModel | PeftModel | None, model_name: str | None, model_config: dict[str, Any] | None
+    actor_network: PreTrainedModel | PeftModel | None,
+    model_name: str | None,
+    model_config: dict[str, Any] | None,
+    quantization_config: Any | None,
 ) -> PreTrainedModel | PeftModel:
     if actor_network is not None and model_name is not None:
         raise ValueError("Pass either actor_network or model_name, not both.")
     if actor_network is not None:
+        if quantization_config is not None and not is_quantized(actor_network):
+            raise ValueError(
+                "quantization_config applies when the base is loaded: pass model_name instead of actor_network, or "
+                "load actor_network with from_pretrained(..., quantization_config=...) yourself."
+            )
         return actor_network
     if model_name is None:
         raise ValueError("Pass actor_network (a HuggingFace causal LM) or model_name (a path for from_pretrained).")
-    return AutoModelForCausalLM.from_pretrained(model_name, **(model_config or {}))
+    extra = {} if quantization_config is None else {"quantization_config": quantization_config}
+    return AutoModelForCausalLM.from_pretrained(model_name, **(model_config or {}), **extra)
 
 
 def _seed_everything(seed: int) -> None:

@@ -42,12 +42,11 @@ from agilerl_llm.algorithms.updates import (
 from agilerl_llm.distributed import DEEPSPEED
 from agilerl_llm.losses import resolve_clip_bounds, resolve_importance_sampling_level
 from agilerl_llm.rollout.base import SamplingSettings
-from agilerl_llm.rollout.vllm import VLLMConfig
+from agilerl_llm.rollout.vllm import VLLMConfig, warn_once
 
 # Constructor arguments of features that arrive in later releases (GPU-only paths). Passing a
 # non-default value raises instead of silently training without the feature.
 _NOT_YET_AVAILABLE = {
-    "quantization_config": None,
     "lora_target_scope": None,
 }
 
@@ -178,7 +177,12 @@ class GRPO(LLMAlgorithm):
             max_model_len=max_model_len,
         )
         self.fused_loss_chunk_rows = fused_loss_chunk_rows
-        self.use_sequence_packing = use_sequence_packing  # inert without a FlashAttention-2 / Flex backend
+        self.use_sequence_packing = use_sequence_packing
+        if use_sequence_packing:
+            warn_once(
+                "use_sequence_packing",
+                "use_sequence_packing=True has no effect yet: the gradient forward runs on padded batches.",
+            )
         self.activation_offload = activation_offload
         self.fitness: list[float] = []
         super().__init__(pad_token_id, pad_token, **base_kwargs)

@@ -76,6 +76,7 @@ _FIXED_ATTRIBUTES = frozenset(
         "calc_position_embeddings",
         "use_vllm",
         "use_memory_efficient_params",
+        "torch_compiler",
     }
 )
 

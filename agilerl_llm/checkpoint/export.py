@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +29,15 @@ from agilerl_llm.checkpoint import files
 from agilerl_llm.checkpoint.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ATTRIBUTES_FILE, CheckpointError
 from agilerl_llm.distributed import is_partitioned
 from agilerl_llm.model.adapters import ACTOR
+from agilerl_llm.model.quantization import is_quantized, merged_dequantized_model
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from agilerl_llm.algorithms.base import LLMAlgorithm
+
+logger = logging.getLogger(__name__)
 
 # Files whose presence marks a folder as holding a tokenizer ``AutoTokenizer.from_pretrained`` can load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -82,7 +86,17 @@ def export_policy(
     is_main = agent.dist.is_main
     _check_out_dir(out_dir)
     if is_main:
-        merged = _merged_copy(actor, adapter)
+        if is_quantized(actor):
+            # Merging into 4-bit / 8-bit weights would round a small LoRA update away: merge into full precision.
+            merged = merged_dequantized_model(actor, adapter)
+            logger.warning(
+                "export_policy: the base model is quantized; %s was merged into a dequantized float32 copy of it, "
+                "so %s holds an unquantized float32 model.",
+                adapter,
+                out_dir,
+            )
+        else:
+            merged = _merged_copy(actor, adapter)
         try:
             _publish_model(merged, out_dir, tokenizer)
         finally:

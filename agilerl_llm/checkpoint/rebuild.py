@@ -25,7 +25,18 @@ if TYPE_CHECKING:
 
 # Constructor arguments a checkpoint never supplies: they say where and how to build, not what the agent is.
 _NOT_FROM_CHECKPOINT = frozenset(
-    {"self", "model_name", "actor_network", "accelerator", "device", "wrap", "clone", "hp_config", "lora_config"}
+    {
+        "self",
+        "model_name",
+        "actor_network",
+        "accelerator",
+        "device",
+        "wrap",
+        "clone",
+        "hp_config",
+        "lora_config",
+        "quantization_config",
+    }
 )
 
 
@@ -56,6 +67,10 @@ def load_agent(
     }
     settings["lora_config"] = _lora_config(payload["lora_config"])
     settings["cosine_lr_schedule_config"] = payload.get("lr_schedule_config")
+    if payload.get("quantization_config"):
+        from transformers import BitsAndBytesConfig
+
+        settings["quantization_config"] = BitsAndBytesConfig.from_dict(payload["quantization_config"])
     try:
         agent = saved_cls(model_name=base, accelerator=accelerator, device=str(device), **settings)
     except OSError as error:

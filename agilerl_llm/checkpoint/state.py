@@ -30,6 +30,7 @@ import torch
 from agilerl_llm.checkpoint import files
 from agilerl_llm.checkpoint.files import ATTRIBUTES_FILE, FORMAT_VERSION, MODULES_DIR, CheckpointError
 from agilerl_llm.distributed import gathered, is_partitioned
+from agilerl_llm.model.quantization import quantization_settings
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -172,6 +173,7 @@ def _payload(
         "base_shapes": base_shapes(agent, named),
         "base_fingerprint": base_fingerprint(agent.actor),
         "base_model": base_model_reference(agent),
+        "quantization_config": quantization_settings(agent.actor),
         "lr_schedule_config": None if schedule is None else schedule.model_dump(),
         "lora_only": lora_only,
         "engine_checkpoint": engine_saves,
