@@ -8,10 +8,10 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import torch
 
 from agilerl_llm.algorithms import GRPO
 from agilerl_llm.algorithms.base import LLMAlgorithm
-from agilerl_llm.algorithms.grpo import _NOT_YET_AVAILABLE
 
 NO_DEFAULT = object()  # the spec documents the parameter without stating a default
 
@@ -78,8 +78,6 @@ SPEC_PARAMETERS: dict[str, object] = {
     "use_sequence_packing": NO_DEFAULT,
 }
 
-# Accepted and refused with a clear error when set (issue 16 builds them).
-NOT_YET_AVAILABLE = {"lora_target_scope"}
 # Signature default None, resolved at construction to the spec's default.
 RESOLVED_AT_CONSTRUCTION = {"loss_type"}
 
@@ -127,11 +125,7 @@ SPEC_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 # Open gaps (issue 16): methods not there yet, and spec parameter names a present method does not take yet.
 MISSING_METHODS: set[str] = set()
-MISSING_METHOD_PARAMETERS = {
-    "get_action": {"*args", "**kwargs"},
-    "save_checkpoint": {"**kwargs"},
-    "test": {"*args", "**kwargs"},
-}
+MISSING_METHOD_PARAMETERS: dict[str, set[str]] = {}
 
 
 def constructor_parameters() -> dict[str, inspect.Parameter]:
@@ -154,9 +148,6 @@ def test_the_tables_cover_the_spec():
 
 @pytest.mark.parametrize("name", sorted(SPEC_PARAMETERS))
 def test_every_spec_parameter_exists_with_the_spec_default(name):
-    if name in NOT_YET_AVAILABLE:
-        assert name in _NOT_YET_AVAILABLE and name not in constructor_parameters(), "built now: move it to the table"
-        return
     parameter = constructor_parameters().get(name)
     assert parameter is not None, f"GRPO has no parameter {name!r}"
     expected = SPEC_PARAMETERS[name]
@@ -213,3 +204,17 @@ def test_sequence_packing_says_it_is_inert(tiny_model_dir, tokenizer):
     with pytest.warns(UserWarning, match="use_sequence_packing=True has no effect yet"):
         GRPO(tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(tiny_model_dir), use_sequence_packing=True,
              gradient_checkpointing=False)  # fmt: skip
+
+
+def test_the_spec_var_arguments_are_refused_not_ignored(tiny_model_dir, tokenizer, tmp_path):
+    agent = GRPO(
+        tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(tiny_model_dir), gradient_checkpointing=False
+    )
+    prompts = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with pytest.raises(TypeError, match=r"get_action\(\) got unexpected arguments 7, temperature="):
+        agent.get_action(prompts, True, True, 7, temperature=0.5)
+    with pytest.raises(TypeError, match=r"save_checkpoint\(\) got unexpected arguments safe_serialization="):
+        agent.save_checkpoint(str(tmp_path / "c"), safe_serialization=True)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(TypeError, match=r"test\(\) got unexpected arguments 'x'"):
+        agent.test(None, 1, "x")

@@ -41,3 +41,15 @@ def check_base_arguments(
             )
     if not isinstance(index, int) or index < 0:
         raise ValueError(f"index must be a non-negative int, got {index!r}.")
+
+
+def refuse_extra_arguments(method: str, args: tuple[Any, ...], kwargs: dict[str, Any], takes: str) -> None:
+    """The spec writes ``*args, **kwargs`` on some methods (its subclasses may take more); ours use none, and
+    an argument that would be silently dropped is refused instead.
+
+    Raises:
+        TypeError: naming the method, the extra arguments and what it does take.
+    """
+    if args or kwargs:
+        extra = [repr(a) for a in args] + [f"{k}=" for k in kwargs]
+        raise TypeError(f"{method}() got unexpected arguments {', '.join(extra)}; it takes {takes}.")

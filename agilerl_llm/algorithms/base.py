@@ -28,7 +28,7 @@ from peft import LoraConfig, PeftModel
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from agilerl_llm.algorithms.arguments import check_base_arguments
+from agilerl_llm.algorithms.arguments import check_base_arguments, refuse_extra_arguments
 from agilerl_llm.algorithms.evolvable import EvolvableMixin, check_compile_mode
 from agilerl_llm.algorithms.generation import GenerationMixin
 from agilerl_llm.checkpoint.agent import apply_state
@@ -91,6 +91,8 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
             lm_head stays in full precision. See ``model/quantization.py``.
         torch_compiler: a ``torch.compile`` mode for the training forward ("default", "reduce-overhead", ...);
             None runs it eagerly. Recompiled after cloning (``recompile``); not applied under DeepSpeed.
+        lora_target_scope: adapt only the modules under this sub-module path of a composite model (for
+            example "language_model" of a vision-language model); see ``model/lora_scope.py``.
     """
 
     uses_critic: ClassVar[bool] = False
@@ -126,6 +128,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         calc_position_embeddings: bool = True,
         torch_compiler: str | None = None,
         quantization_config: Any | None = None,
+        lora_target_scope: str | None = None,
     ) -> None:
         check_base_arguments(pad_token_id, batch_size, lr, max_grad_norm, micro_batch_size_per_gpu, index)
         if fused_logprobs_chunk_rows is not None and fused_logprobs_chunk_rows < 1:
@@ -153,6 +156,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         check_compile_mode(torch_compiler)
         self.torch_compiler = torch_compiler
         self.quantization_config = check_quantization_config(quantization_config)
+        self.lora_target_scope = lora_target_scope
         if self.dist.zero_stage == 3 and (reason := self.zero3_refusal()):
             raise NotImplementedError(
                 f"{type(self).__name__} does not run under DeepSpeed ZeRO-3 {reason} Or use data parallel "
@@ -175,7 +179,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
             network = prepare_quantized_base(network)
         if gradient_checkpointing:
             enable_activation_checkpointing(network)
-        self.adapters = AdapterSet(network, lora_config, self.adapter_names())
+        self.adapters = AdapterSet(network, lora_config, self.adapter_names(), lora_target_scope)
         self.actor = self.adapters.model.to(self.device)
         self.policy_forward = self.make_policy_forward(self.actor)
         self._build_optimizer()
@@ -495,8 +499,10 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         for model in cls.hyperparameter_models:
             model(**{name: values[name] for name in model.model_fields if name in values})
 
-    def save_checkpoint(self, path: str, lora_only: bool = True, save_optimizer: bool = True) -> None:
-        """Write this agent to the folder ``path``; see ``agilerl_llm.checkpoint.agent`` for the layout and grid."""
+    def save_checkpoint(self, path: str, lora_only: bool = True, save_optimizer: bool = True, **kwargs: Any) -> None:
+        """Write this agent to the folder ``path``; see ``agilerl_llm.checkpoint.agent`` for the layout and grid.
+        ``**kwargs`` is in the spec's signature; any given is refused (TypeError), never ignored."""
+        refuse_extra_arguments("save_checkpoint", (), kwargs, "path, lora_only, save_optimizer")
         save_agent_checkpoint(self, path, lora_only=lora_only, save_optimizer=save_optimizer)
 
     @classmethod

@@ -44,12 +44,6 @@ from agilerl_llm.losses import resolve_clip_bounds, resolve_importance_sampling_
 from agilerl_llm.rollout.base import SamplingSettings
 from agilerl_llm.rollout.vllm import VLLMConfig, warn_once
 
-# Constructor arguments of features that arrive in later releases (GPU-only paths). Passing a
-# non-default value raises instead of silently training without the feature.
-_NOT_YET_AVAILABLE = {
-    "lora_target_scope": None,
-}
-
 
 class GRPOSettings(BaseModel):
     """The GRPO-specific hyperparameters, validated once at construction."""
@@ -133,7 +127,6 @@ class GRPO(LLMAlgorithm):
                 "Use GRPO(loss_type=...) to choose another objective."
             )
         loss_type = loss_type or self.default_loss_type
-        self._reject_unavailable(base_kwargs)
         if action_granularity is not None:
             warnings.warn("action_granularity is deprecated; use advantage_granularity.", DeprecationWarning, 2)
             advantage_granularity = action_granularity
@@ -186,15 +179,6 @@ class GRPO(LLMAlgorithm):
         self.activation_offload = activation_offload
         self.fitness: list[float] = []
         super().__init__(pad_token_id, pad_token, **base_kwargs)
-
-    @staticmethod
-    def _reject_unavailable(kwargs: dict[str, Any]) -> None:
-        for name, default in _NOT_YET_AVAILABLE.items():
-            if kwargs.pop(name, default) not in (default, False):
-                raise NotImplementedError(
-                    f"{name} is accepted for API compatibility but its feature is not available in this release; "
-                    f"leave {name}={default!r}."
-                )
 
     @property
     def clip_bounds(self) -> tuple[float, float]:

@@ -77,6 +77,7 @@ _FIXED_ATTRIBUTES = frozenset(
         "use_vllm",
         "use_memory_efficient_params",
         "torch_compiler",
+        "lora_target_scope",
     }
 )
 

@@ -25,6 +25,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from agilerl_llm.model.lora_scope import adapt_lora_config_for_model
+
 ACTOR = "actor"
 REFERENCE = "reference"
 CRITIC = "critic"
@@ -84,20 +86,32 @@ class AdapterSet:
         lora_config: LoRA settings for every adapter; ``None`` uses the PeftModel's own config, or
             ``default_lora_config()`` for a plain model.
         adapter_names: which adapters to create; must include "actor".
+        target_scope: keep only the LoRA targets under this sub-module path (``lora_target_scope``; see
+            ``model/lora_scope.py``); None adapts every module the config selects.
     """
 
     def __init__(
-        self, model: PreTrainedModel | PeftModel, lora_config: LoraConfig | None, adapter_names: tuple[str, ...]
+        self,
+        model: PreTrainedModel | PeftModel,
+        lora_config: LoraConfig | None,
+        adapter_names: tuple[str, ...],
+        target_scope: str | None = None,
     ) -> None:
         unknown = [name for name in adapter_names if name not in ADAPTER_NAMES]
         if unknown or ACTOR not in adapter_names:
             raise ValueError(f"adapter_names={adapter_names!r} must include 'actor' and only use {ADAPTER_NAMES}.")
         initial_actor_weights = None
         if isinstance(model, PeftModel):
+            if target_scope is not None:
+                raise ValueError(
+                    f"lora_target_scope={target_scope!r} cannot re-scope the LoRA adapter already on actor_network; "
+                    "pass the base model (peft_model.unload()) with lora_config, or lora_target_scope=None."
+                )
             model, lora_config, initial_actor_weights = _take_over_peft_model(model, lora_config)
         lora_config = lora_config if lora_config is not None else default_lora_config()
         if not isinstance(lora_config, LoraConfig):
             raise ValueError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}.")
+        lora_config = adapt_lora_config_for_model(lora_config, model, target_scope)
         self.names = tuple(adapter_names)
         self.model = _attach(model, lora_config, self.names)
         if initial_actor_weights is not None:

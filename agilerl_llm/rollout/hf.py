@@ -253,10 +253,12 @@ class HFRolloutEngine:
 
 
 def eos_token_ids(model: nn.Module) -> list[int]:
-    """The ids that end a completion: the generation config's eos id(s), else the model config's."""
+    """The ids that end a completion: the generation config's eos id(s), else the model config's (a composite
+    model such as Llava keeps it on its text config)."""
     eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.config.eos_token_id
+    for config in (model.config, model.config.get_text_config()):
+        if eos is None:
+            eos = getattr(config, "eos_token_id", None)
     if eos is None:
         raise ValueError("The model defines no eos_token_id (generation_config or config); set one.")
     return [eos] if isinstance(eos, int) else list(eos)
