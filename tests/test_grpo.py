@@ -87,11 +87,6 @@ def test_vllm_settings_are_validated_at_construction(tiny_model_dir, tokenizer):
         make_agent(tiny_model_dir, tokenizer, use_vllm=True, lora_config=wide)
 
 
-def test_features_of_later_releases_fail_loudly(tiny_model_dir, tokenizer):
-    with pytest.warns(UserWarning, match="Liger"):
-        make_agent(tiny_model_dir, tokenizer, use_liger_loss=True)
-
-
 def test_gspo_forces_trajectory_level_with_a_warning(tiny_model_dir, tokenizer):
     assert make_agent(tiny_model_dir, tokenizer, cls=GSPO).importance_sampling_level == "trajectory"
     with pytest.warns(UserWarning, match="trajectory"):

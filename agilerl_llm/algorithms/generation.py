@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +20,7 @@ from agilerl_llm.algorithms.arguments import refuse_extra_arguments
 from agilerl_llm.envs.multiturn import MultiTurnEnv, collect_episodes
 from agilerl_llm.envs.reasoning import PromptBatch, ReasoningGym
 from agilerl_llm.model.adapters import ACTOR
+from agilerl_llm.model.liger import require_liger
 from agilerl_llm.rollout.base import ActionResult, RolloutEngine, SamplingSettings
 from agilerl_llm.rollout.hf import HFRolloutEngine
 from agilerl_llm.rollout.vllm import RolloutRequest, VLLMConfig, VLLMRolloutEngine
@@ -39,6 +40,10 @@ class RolloutCorrectionSettings(BaseModel):
 class GenerationMixin:
     """Rollouts and held-out evaluation with the actor adapter (mixed into ``LLMAlgorithm``)."""
 
+    # Whether use_liger_loss changes this algorithm's update (GRPO's family and REINFORCE, through
+    # updates.policy_gradient_step); the others warn that they keep the standard path.
+    has_liger_path: ClassVar[bool] = True
+
     def _store_generation_settings(
         self,
         *,
@@ -56,11 +61,15 @@ class GenerationMixin:
         if hf_generate_chunk_size is not None and hf_generate_chunk_size < 1:
             raise ValueError(f"hf_generate_chunk_size must be >= 1 or None, got {hf_generate_chunk_size}.")
         if use_liger_loss:
-            warnings.warn(
-                "use_liger_loss=True: the Liger path is not available yet; using the standard fused path.",
-                UserWarning,
-                3,
-            )
+            if self.has_liger_path:
+                require_liger()  # fails here, naming the extra, rather than at the first update
+            else:
+                warnings.warn(
+                    f"use_liger_loss=True: {type(self).__name__} has no Liger path yet; it uses the standard fused "
+                    "path.",
+                    UserWarning,
+                    3,
+                )
         if vllm_config is not None and not use_vllm:
             raise ValueError("vllm_config is given but use_vllm=False; pass use_vllm=True to generate with vLLM.")
         if vllm_config is not None and not isinstance(vllm_config, VLLMConfig):

@@ -67,10 +67,11 @@ class LLMPPO(LLMAlgorithm):
     """PPO on a LoRA actor with a LoRA critic and a value head.
 
     Takes every argument of ``LLMAlgorithm``, the hyperparameters of ``PPOSettings`` and the sampling settings of
-    ``SamplingSettings``. ``use_liger_loss`` is accepted and warns (the Liger path is not available yet).
+    ``SamplingSettings``. ``use_liger_loss`` is accepted and warns (PPO's Liger path is not built yet).
     """
 
     uses_critic = True
+    has_liger_path = False
     hyperparameter_models = (PPOSettings, SamplingSettings, RolloutCorrectionSettings)
 
     def zero3_refusal(self) -> str | None:

@@ -26,6 +26,9 @@ import torch
 from agilerl_llm.algorithms.experience import Experience, micro_batches, place_on_action_tokens
 from agilerl_llm.distributed import DEEPSPEED
 from agilerl_llm.losses import grpo_policy_loss, vllm_importance_weights
+from agilerl_llm.model.adapters import ACTOR
+from agilerl_llm.model.liger import liger_grpo_loss, liger_unsupported_reason, row_advantages
+from agilerl_llm.rollout.vllm import warn_once
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -161,6 +164,21 @@ def policy_gradient_step(
         if activation_offload
         else contextlib.nullcontext()
     )
+    if uses_liger(agent, mini_batch, loss_type, importance_sampling_level, use_kl_advantage_shaping):
+        # Liger gives no entropy or ratio mean: those keys are left out rather than reported as 0.
+        sums = dict.fromkeys(("loss", "kl", "clip_fraction"), 0.0)
+        for micro in micro_batches(mini_batch, agent.micro_batch_size_per_gpu):
+            with offload:
+                loss, kl, clip_fraction = liger_micro_batch_loss(
+                    agent, micro, normaliser, loss_type=loss_type, ratio_bounds=ratio_bounds, beta=beta
+                )
+                agent._backward(loss)
+            sums["loss"] += float(loss.detach())
+            sums["kl"] += float(kl)
+            sums["clip_fraction"] += float(clip_fraction)
+        sums = agent.dist.sum_floats(sums)
+        sums["grad_norm"] = agent._optimizer_step()
+        return sums
     sums = dict.fromkeys(("loss", "kl", "clip_fraction", "ratio_mean", "entropy"), 0.0)
     for micro in micro_batches(mini_batch, agent.micro_batch_size_per_gpu):
         with offload:
@@ -196,3 +214,62 @@ def policy_gradient_step(
     sums = agent.dist.sum_floats(sums)
     sums["grad_norm"] = agent._optimizer_step()
     return sums
+
+
+def uses_liger(
+    agent: LLMAlgorithm, mini_batch: Experience, loss_type: str, importance_sampling_level: str, shaping: bool
+) -> bool:
+    """Whether this mini-batch's policy loss goes through Liger (``use_liger_loss`` and settings it reproduces
+    exactly, ``model/liger.py``); when the agent asked for Liger and cannot have it, says why once."""
+    if not getattr(agent, "use_liger_loss", False):
+        return False
+    reason = liger_unsupported_reason(loss_type, importance_sampling_level, shaping)
+    if reason is None and row_advantages(mini_batch.advantages, mini_batch.action_mask) is None:
+        reason = "the advantages differ between a row's tokens (turn advantages) and Liger takes one per row"
+    if reason is not None:
+        warn_once("liger_standard_path", f"use_liger_loss=True: {reason}; these updates use the standard path.")
+        return False
+    return True
+
+
+def liger_micro_batch_loss(
+    agent: LLMAlgorithm,
+    micro: Experience,
+    normaliser: torch.Tensor,
+    *,
+    loss_type: str,
+    ratio_bounds: tuple[float, float],
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``liger_grpo_loss`` on one micro-batch: the actor's hidden states over the batch's non-padding columns
+    (the same window ``get_logprobs`` scores), then Liger's fused head + loss."""
+    ids, attention = micro.completion_ids.to(agent.device), micro.attention_mask.to(agent.device)
+    columns = attention.any(dim=0).nonzero()
+    first, last = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, ids.shape[1])
+    scored = slice(first, last - 1)  # log-prob column j scores token j + 1
+
+    def window(values: torch.Tensor | None) -> torch.Tensor | None:
+        return None if values is None else values[:, scored].to(agent.device)
+
+    with agent._policy_context(ACTOR):
+        hidden = agent.policy_forward(ids[:, first:last], attention[:, first:last])
+    weight, bias = agent._output_head()
+    action_mask = window(micro.action_mask)
+    return liger_grpo_loss(
+        hidden[:, :-1],
+        weight,
+        bias,
+        ids[:, first + 1 : last],
+        action_mask,
+        row_advantages(window(micro.advantages), action_mask),
+        window(micro.old_logprobs),
+        window(micro.ref_logprobs),
+        window(micro.token_weights),
+        loss_type=loss_type,
+        ratio_low=ratio_bounds[0],
+        ratio_high=ratio_bounds[1],
+        beta=beta,
+        temperature=agent.temperature,
+        num_tokens_normalizer=normaliser,
+        world_size=agent.dist.world_size,
+    )
