@@ -38,7 +38,7 @@ from agilerl_llm.checkpoint.state import AgentState, CheckpointModule, capture_s
 from agilerl_llm.distributed import Distributed
 from agilerl_llm.evolution.hyperparameters import HyperparameterConfig, as_hyperparameter_config
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
-from agilerl_llm.model.forward import HiddenStatesModel, enable_activation_checkpointing
+from agilerl_llm.model.forward import HiddenStatesModel, attended_columns, enable_activation_checkpointing
 from agilerl_llm.model.logprobs import fused_logprobs
 from agilerl_llm.model.quantization import (
     check_output_head_unquantized,
@@ -309,8 +309,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         # Columns that are padding in every row (the batch's shared left/right padding) are skipped; the
         # result is zero there, like any other padded position.
-        columns = attention_mask.any(dim=0).nonzero()
-        first, last = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, input_ids.shape[1])
+        first, last = attended_columns(attention_mask)
         hidden = self.policy_forward(input_ids[:, first:last], attention_mask[:, first:last])
         weight, bias = self._output_head()
         padding = (first, input_ids.shape[1] - last)

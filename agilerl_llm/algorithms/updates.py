@@ -27,6 +27,7 @@ from agilerl_llm.algorithms.experience import Experience, micro_batches, place_o
 from agilerl_llm.distributed import DEEPSPEED
 from agilerl_llm.losses import grpo_policy_loss, vllm_importance_weights
 from agilerl_llm.model.adapters import ACTOR
+from agilerl_llm.model.forward import attended_columns
 from agilerl_llm.model.liger import liger_grpo_loss, liger_unsupported_reason, row_advantages
 from agilerl_llm.rollout.vllm import warn_once
 
@@ -140,6 +141,11 @@ def mismatch_metrics(agent: LLMAlgorithm, batch: Experience) -> dict[str, float]
     return {"is_weight_mean": totals["weights"] / max(totals["tokens"], 1.0)}
 
 
+# What policy_gradient_step returns (before grad_norm) on each path.
+STANDARD_METRICS = ("loss", "kl", "clip_fraction", "ratio_mean", "entropy")
+LIGER_METRICS = ("loss", "kl", "clip_fraction")
+
+
 def policy_gradient_step(
     agent: LLMAlgorithm,
     mini_batch: Experience,
@@ -151,69 +157,88 @@ def policy_gradient_step(
     use_kl_advantage_shaping: bool = False,
     activation_offload: bool = False,
 ) -> dict[str, float]:
-    """One optimizer step of ``grpo_policy_loss`` over the micro-batches of ``mini_batch``.
+    """One optimizer step of ``grpo_policy_loss`` (or, with ``use_liger_loss``, Liger's equivalent) over the
+    micro-batches of ``mini_batch``.
 
-    Returns summed ``loss``, ``kl``, ``clip_fraction``, ``ratio_mean``, ``entropy`` (each already a per-step
-    value, since every micro-batch is normalised by the global mini-batch's token count, and summed over ranks)
-    and ``grad_norm``.
+    Returns summed ``STANDARD_METRICS`` (``LIGER_METRICS`` on the Liger path), each already a per-step value, since
+    every micro-batch is normalised by the global mini-batch's token count, and summed over ranks; and ``grad_norm``.
     """
     normaliser = token_normaliser(agent, mini_batch)
-    ratio_low, ratio_high = ratio_bounds
     offload = (
         torch.autograd.graph.save_on_cpu(pin_memory=agent.device.type == "cuda")
         if activation_offload
         else contextlib.nullcontext()
     )
-    if uses_liger(agent, mini_batch, loss_type, importance_sampling_level, use_kl_advantage_shaping):
-        # Liger gives no entropy or ratio mean: those keys are left out rather than reported as 0.
-        sums = dict.fromkeys(("loss", "kl", "clip_fraction"), 0.0)
-        for micro in micro_batches(mini_batch, agent.micro_batch_size_per_gpu):
-            with offload:
+    liger = uses_liger(agent, mini_batch, loss_type, importance_sampling_level, use_kl_advantage_shaping)
+    # Fixed keys, so a rank without rows sums the same dict; Liger gives no entropy or ratio mean, and those keys
+    # are left out rather than reported as 0.
+    sums = dict.fromkeys(LIGER_METRICS if liger else STANDARD_METRICS, 0.0)
+    for micro in micro_batches(mini_batch, agent.micro_batch_size_per_gpu):
+        with offload:
+            if liger:
                 loss, kl, clip_fraction = liger_micro_batch_loss(
                     agent, micro, normaliser, loss_type=loss_type, ratio_bounds=ratio_bounds, beta=beta
                 )
-                agent._backward(loss)
-            sums["loss"] += float(loss.detach())
-            sums["kl"] += float(kl)
-            sums["clip_fraction"] += float(clip_fraction)
-        sums = agent.dist.sum_floats(sums)
-        sums["grad_norm"] = agent._optimizer_step()
-        return sums
-    sums = dict.fromkeys(("loss", "kl", "clip_fraction", "ratio_mean", "entropy"), 0.0)
-    for micro in micro_batches(mini_batch, agent.micro_batch_size_per_gpu):
-        with offload:
-            logprobs, entropy = agent.get_logprobs(
-                micro.completion_ids,
-                micro.attention_mask,
-                temperature=agent.temperature,
-                requires_grad=True,
-                return_entropy=True,
-            )
-            output = grpo_policy_loss(
-                logprobs,
-                logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs,
-                micro.ref_logprobs,
-                micro.advantages,
-                micro.action_mask,
-                loss_type=loss_type,
-                ratio_low=ratio_low,
-                ratio_high=ratio_high,
-                beta=beta,
-                num_tokens_normalizer=normaliser,
-                importance_sampling_level=importance_sampling_level,
-                turn_ids=micro.turn_ids,
-                use_kl_advantage_shaping=use_kl_advantage_shaping,
-                token_weights=micro.token_weights,
-            )
-            agent._backward(output.loss)
-        sums["loss"] += float(output.loss.detach())
-        sums["kl"] += float(output.kl)
-        sums["clip_fraction"] += float(output.clip_fraction)
-        sums["ratio_mean"] += float(output.ratio_mean)
-        sums["entropy"] += float((entropy.detach() * micro.action_mask).sum() / normaliser)
+                metrics = {"kl": kl, "clip_fraction": clip_fraction}
+            else:
+                loss, metrics = standard_micro_batch_loss(
+                    agent,
+                    micro,
+                    normaliser,
+                    loss_type=loss_type,
+                    ratio_bounds=ratio_bounds,
+                    beta=beta,
+                    importance_sampling_level=importance_sampling_level,
+                    use_kl_advantage_shaping=use_kl_advantage_shaping,
+                )
+            agent._backward(loss)
+        sums["loss"] += float(loss.detach())
+        for key, value in metrics.items():
+            sums[key] += float(value)
     sums = agent.dist.sum_floats(sums)
     sums["grad_norm"] = agent._optimizer_step()
     return sums
+
+
+def standard_micro_batch_loss(
+    agent: LLMAlgorithm,
+    micro: Experience,
+    normaliser: torch.Tensor,
+    *,
+    loss_type: str,
+    ratio_bounds: tuple[float, float],
+    beta: float,
+    importance_sampling_level: str,
+    use_kl_advantage_shaping: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``grpo_policy_loss`` on the actor's log-probs of one micro-batch: the loss and its ``kl``,
+    ``clip_fraction``, ``ratio_mean`` and ``entropy``, each normalised by the step's token count."""
+    logprobs, entropy = agent.get_logprobs(
+        micro.completion_ids, micro.attention_mask, temperature=agent.temperature, requires_grad=True,
+        return_entropy=True,
+    )  # fmt: skip
+    output = grpo_policy_loss(
+        logprobs,
+        logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs,
+        micro.ref_logprobs,
+        micro.advantages,
+        micro.action_mask,
+        loss_type=loss_type,
+        ratio_low=ratio_bounds[0],
+        ratio_high=ratio_bounds[1],
+        beta=beta,
+        num_tokens_normalizer=normaliser,
+        importance_sampling_level=importance_sampling_level,
+        turn_ids=micro.turn_ids,
+        use_kl_advantage_shaping=use_kl_advantage_shaping,
+        token_weights=micro.token_weights,
+    )
+    return output.loss, {
+        "kl": output.kl,
+        "clip_fraction": output.clip_fraction,
+        "ratio_mean": output.ratio_mean,
+        "entropy": (entropy.detach() * micro.action_mask).sum() / normaliser,
+    }
 
 
 def uses_liger(
@@ -244,8 +269,7 @@ def liger_micro_batch_loss(
     """``liger_grpo_loss`` on one micro-batch: the actor's hidden states over the batch's non-padding columns
     (the same window ``get_logprobs`` scores), then Liger's fused head + loss."""
     ids, attention = micro.completion_ids.to(agent.device), micro.attention_mask.to(agent.device)
-    columns = attention.any(dim=0).nonzero()
-    first, last = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, ids.shape[1])
+    first, last = attended_columns(attention)
     scored = slice(first, last - 1)  # log-prob column j scores token j + 1
 
     def window(values: torch.Tensor | None) -> torch.Tensor | None:

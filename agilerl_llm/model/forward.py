@@ -20,6 +20,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def attended_columns(attention_mask: torch.Tensor) -> tuple[int, int]:
+    """``[first, last)`` of the columns some row attends to: (B, S) mask -> the window outside which every row is
+    padding (the batch's shared left and right padding), the whole width when no row attends at all."""
+    columns = attention_mask.any(dim=0).nonzero()
+    return (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, attention_mask.shape[1])
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer's activations in backward (non-reentrant, so frozen inputs are fine)."""
     kwargs = {"use_reentrant": False}
