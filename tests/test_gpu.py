@@ -86,3 +86,35 @@ def test_vllm_on_cuda_sleeps_offloads_and_still_serves_the_new_adapter(tmp_path,
                     sampling_logps=result.sampling_logprobs)  # fmt: skip
         print(f"\nsleep_mode={sleep_mode} level={level} step {step}: free CUDA memory while learning "
               f"{free_asleep / 2**30:.2f} GiB")  # fmt: skip
+
+
+def test_liger_model_patches_on_cuda_match_the_unpatched_model_and_stay_on_that_instance(tiny_model_dir, tokenizer):
+    """The patched decoder's hidden states equal the unpatched one's; a model built afterwards is unpatched."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.qwen2 import modeling_qwen2
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to("cuda")
+    agent = GRPO(tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(tiny_model_dir), device="cuda",
+                 gradient_checkpointing=False)  # fmt: skip
+    assert agent.liger_model_patches
+    decoder = agent.policy_forward_module.backbone
+    assert "Liger" in decoder.norm.forward.__qualname__ and "Liger" in decoder.layers[0].mlp.forward.__qualname__
+    assert modeling_qwen2.Qwen2RMSNorm.__name__ == "Qwen2RMSNorm" and modeling_qwen2.Qwen2MLP.__name__ == "Qwen2MLP"
+    ids = torch.randint(3, len(tokenizer), (2, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), agent.adapters.disabled():
+        patched = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        unpatched = reference.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(patched, unpatched, atol=1e-4, rtol=1e-4)
+
+
+def test_sft_with_liger_cross_entropy_on_cuda_equals_the_standard_path(tiny_model_dir, tokenizer):
+    pytest.importorskip("liger_kernel")
+    ids = torch.randint(3, len(tokenizer), (4, 16), device="cuda")
+    mask = torch.ones_like(ids)
+    logprobs = []
+    for liger in (False, True):
+        agent = SFT(tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(tiny_model_dir), device="cuda",
+                    gradient_checkpointing=False, use_liger_loss=liger)  # fmt: skip
+        logprobs.append(agent.get_logprobs(ids, mask))
+    torch.testing.assert_close(logprobs[1], logprobs[0], atol=1e-4, rtol=1e-4)

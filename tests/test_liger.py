@@ -139,10 +139,54 @@ def test_without_liger_kernel_the_error_names_the_extra(tiny_model_dir, tokenize
         make_agent(tiny_model_dir, tokenizer, use_liger_loss=True)
 
 
-def test_ppo_says_it_keeps_the_standard_path(tiny_model_dir, tokenizer):
-    with pytest.warns(UserWarning, match="LLMPPO has no Liger path yet"):
-        LLMPPO(tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(tiny_model_dir),
-               gradient_checkpointing=False, use_liger_loss=True)  # fmt: skip
+def test_ppo_policy_loss_through_liger_equals_the_standard_path(tiny_model_dir, tokenizer):
+    """PPO's per-token (GAE-like) advantages through Liger's chunked PPO base with our chunk loss: loss, clip
+    fraction, ratio mean and every LoRA gradient equal the fused-log-prob path, with vLLM weights."""
+    pytest.importorskip("liger_kernel")
+    from agilerl_llm.algorithms.updates import liger_ppo_policy_loss
+
+    agent = make_agent(tiny_model_dir, tokenizer)
+    batch = experience(agent, per_turn=True, token_weights=True)  # a different advantage on every token
+    normaliser = token_normaliser(agent, batch)
+    ratio_low, ratio_high = agent.clip_bounds
+    agent.actor.zero_grad(set_to_none=True)
+    logprobs = agent.get_logprobs(batch.completion_ids, batch.attention_mask, temperature=agent.temperature,
+                                  requires_grad=True)  # fmt: skip
+    standard = grpo_policy_loss(logprobs, batch.old_logprobs, None, batch.advantages, batch.action_mask,
+                                loss_type="grpo", ratio_low=ratio_low, ratio_high=ratio_high, beta=0.0,
+                                num_tokens_normalizer=normaliser, token_weights=batch.token_weights)  # fmt: skip
+    standard.loss.backward()
+    expected = lora_gradients(agent)
+    liger = liger_ppo_policy_loss(agent, batch, normaliser, agent.clip_bounds)
+    liger.loss.backward()
+    ours = lora_gradients(agent)
+    assert 0 < float(standard.clip_fraction) < 1
+    for field in ("loss", "policy_loss", "clip_fraction", "ratio_mean"):
+        torch.testing.assert_close(getattr(liger, field).detach(), getattr(standard, field).detach(), rtol=1e-5,
+                                   atol=1e-6, msg=field)  # fmt: skip
+    assert expected.keys() == ours.keys() and len(expected) > 0
+    worst = max(float((ours[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)) for n, g in expected.items())
+    assert worst < 1e-4, f"largest relative gradient difference {worst:.2e}"
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_a_ppo_update_through_liger_equals_the_standard_one(tiny_model_dir, tokenizer, gradient_checkpointing):
+    """Two PPO epochs (the second off-policy, so ratios move and clip) from one rollout: same metrics."""
+    pytest.importorskip("liger_kernel")
+
+    def ppo(**kwargs):
+        return LLMPPO(tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(tiny_model_dir), seed=5, lr=5e-2,
+                      batch_size=6, update_epochs=2, max_output_tokens=4, min_output_tokens=4, beta=0.05,
+                      gradient_checkpointing=gradient_checkpointing, **kwargs)  # fmt: skip
+
+    standard, liger = ppo(), ppo(use_liger_loss=True)
+    result = standard.get_action(PROMPTS)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 0.2])
+    batch = (result.completion_ids, result.action_masks, rewards, result.attention_mask)
+    metrics = [agent.learn(batch) for agent in (standard, liger)]
+    assert metrics[0]["clip_fraction"] > 0
+    for key in ("mean_loss", "policy_loss", "value_loss", "clip_fraction", "ratio_mean", "grad_norm"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-4, abs=1e-6), key
 
 
 def test_reinforce_through_liger_takes_the_same_step(tiny_model_dir, tokenizer):

@@ -53,9 +53,8 @@ def test_bad_arguments_name_the_field(tiny_model_dir, tokenizer, kwargs, argumen
         make_agent(tiny_model_dir, tokenizer, **kwargs)
 
 
-def test_liger_warns_and_the_critic_is_an_adapter(tiny_model_dir, tokenizer):
-    with pytest.warns(UserWarning, match="Liger"):
-        agent = make_agent(tiny_model_dir, tokenizer, use_liger_loss=True)
+def test_the_critic_is_an_adapter_and_the_value_head_is_optimised(tiny_model_dir, tokenizer):
+    agent = make_agent(tiny_model_dir, tokenizer)
     assert agent.adapter_names() == ("actor", "reference", "critic")
     optimised = {id(p) for group in agent.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in optimised for p in agent.value_head.parameters())

@@ -197,15 +197,6 @@ def test_get_policy_is_the_trained_actor_and_observations_pass_through(tiny_mode
     assert agent.preprocess_observation(prompts) is prompts
 
 
-def test_sequence_packing_says_it_is_inert(tiny_model_dir, tokenizer):
-    from agilerl_llm.rollout import vllm
-
-    vllm._warned.discard("use_sequence_packing")
-    with pytest.warns(UserWarning, match="use_sequence_packing=True has no effect yet"):
-        GRPO(tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(tiny_model_dir), use_sequence_packing=True,
-             gradient_checkpointing=False)  # fmt: skip
-
-
 def test_the_spec_var_arguments_are_refused_not_ignored(tiny_model_dir, tokenizer, tmp_path):
     agent = GRPO(
         tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(tiny_model_dir), gradient_checkpointing=False

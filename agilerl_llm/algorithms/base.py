@@ -39,7 +39,9 @@ from agilerl_llm.distributed import Distributed
 from agilerl_llm.evolution.hyperparameters import HyperparameterConfig, as_hyperparameter_config
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
 from agilerl_llm.model.forward import HiddenStatesModel, attended_columns, enable_activation_checkpointing
+from agilerl_llm.model.liger_triton import apply_liger_model_patches, liger_token_logprobs
 from agilerl_llm.model.logprobs import fused_logprobs
+from agilerl_llm.model.packing import packing_unsupported_reason
 from agilerl_llm.model.quantization import (
     check_output_head_unquantized,
     check_quantization_config,
@@ -54,6 +56,7 @@ from agilerl_llm.optim import (
     build_optimizer,
 )
 from agilerl_llm.rollout.base import SamplingSettings
+from agilerl_llm.rollout.vllm import warn_once
 
 
 class LLMAlgorithm(EvolvableMixin, GenerationMixin):
@@ -93,6 +96,9 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
             None runs it eagerly. Recompiled after cloning (``recompile``); not applied under DeepSpeed.
         lora_target_scope: adapt only the modules under this sub-module path of a composite model (for
             example "language_model" of a vision-language model); see ``model/lora_scope.py``.
+        use_sequence_packing: run the training and scoring forwards padding-free, the batch's real tokens packed
+            end to end (``model/packing.py``); checked once against the model, and left off with a message where
+            the model or its attention backend cannot keep packed sequences apart.
     """
 
     uses_critic: ClassVar[bool] = False
@@ -129,6 +135,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         torch_compiler: str | None = None,
         quantization_config: Any | None = None,
         lora_target_scope: str | None = None,
+        use_sequence_packing: bool = False,
     ) -> None:
         check_base_arguments(pad_token_id, batch_size, lr, max_grad_norm, micro_batch_size_per_gpu, index)
         if fused_logprobs_chunk_rows is not None and fused_logprobs_chunk_rows < 1:
@@ -157,6 +164,13 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         self.torch_compiler = torch_compiler
         self.quantization_config = check_quantization_config(quantization_config)
         self.lora_target_scope = lora_target_scope
+        if use_sequence_packing and not calc_position_embeddings:
+            raise ValueError(
+                "use_sequence_packing=True needs calc_position_embeddings=True: every packed sequence's positions "
+                "restart at 0. Set calc_position_embeddings=True or use_sequence_packing=False."
+            )
+        self.use_sequence_packing = use_sequence_packing
+        self.packs_sequences = False  # whether the training forward really packs (decided once the model exists)
         if self.dist.zero_stage == 3 and (reason := self.zero3_refusal()):
             raise NotImplementedError(
                 f"{type(self).__name__} does not run under DeepSpeed ZeRO-3 {reason} Or use data parallel "
@@ -179,8 +193,11 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
             network = prepare_quantized_base(network)
         if gradient_checkpointing:
             enable_activation_checkpointing(network)
+        self.liger_model_patches = apply_liger_model_patches(network, self.device)
         self.adapters = AdapterSet(network, lora_config, self.adapter_names(), lora_target_scope)
         self.actor = self.adapters.model.to(self.device)
+        if use_sequence_packing:
+            self.packs_sequences = self._check_sequence_packing()
         self.policy_forward = self.make_policy_forward(self.actor)
         self._build_optimizer()
         if "rollout_engine" in self.__dict__:
@@ -327,6 +344,9 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
             )
             # -inf (a token outside the trainer's kept set) stays -inf; padding is 0 like everywhere else
             return torch.nn.functional.pad(result, padding)
+        if self.uses_liger_cross_entropy and not return_entropy and temperature == 1.0:
+            result = liger_token_logprobs(hidden[:, :-1], weight, input_ids[:, first + 1 : last], bias)
+            return torch.nn.functional.pad(result, padding)
         result = fused_logprobs(
             hidden[:, :-1],
             weight,
@@ -340,6 +360,12 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         if return_entropy:
             return tuple(torch.nn.functional.pad(r, padding) for r in result)
         return torch.nn.functional.pad(result, padding)
+
+    @property
+    def uses_liger_cross_entropy(self) -> bool:
+        """Whether token log-probs go through Liger's fused linear cross-entropy (SFT and DPO with use_liger_loss;
+        ``model/liger_triton.py``) instead of the fused log-prob op."""
+        return False
 
     def _output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The lm_head's weight and bias; under ZeRO-3 a gathered, detached copy (the head is always frozen)."""
@@ -364,7 +390,15 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
     # ------------------------------------------------------------------------------------------ optimisation
     def make_policy_forward(self, actor: PeftModel) -> HiddenStatesModel:
         """The training forward over ``actor``: the module the accelerator wraps (PPO adds its value head)."""
-        return HiddenStatesModel(actor, self.calc_position_embeddings)
+        return HiddenStatesModel(actor, self.calc_position_embeddings, sequence_packing=self.packs_sequences)
+
+    def _check_sequence_packing(self) -> bool:
+        """Whether this model keeps packed sequences apart; if not, say once that packing is off and why."""
+        backbone = HiddenStatesModel(self.actor, self.calc_position_embeddings).backbone
+        reason = packing_unsupported_reason(backbone)
+        if reason is not None:
+            warn_once("use_sequence_packing", f"use_sequence_packing=True has no effect: {reason}; batches stay padded")
+        return reason is None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer trains: the trainable adapters and any extra trainable module (PPO's value head)."""

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.envs.preference import PreferenceBatch, PreferenceGym
 from agilerl_llm.losses import dpo_loss, sequence_logprobs
+from agilerl_llm.model.liger_triton import require_liger_cross_entropy
 
 
 class DPOSettings(BaseModel):
@@ -48,6 +49,8 @@ class DPO(LLMAlgorithm):
     """Direct preference optimisation on a LoRA actor.
 
     Takes every argument of ``LLMAlgorithm`` plus ``beta``, ``loss_type`` and ``label_smoothing`` (``DPOSettings``).
+    ``use_liger_loss=True`` computes the policy's and the reference's token log-probs with liger-kernel's fused
+    linear cross-entropy (a Triton kernel: GPUs, or ``TRITON_INTERPRET=1``; ``model/liger_triton.py``).
     """
 
     hyperparameter_models = (DPOSettings,)
@@ -62,11 +65,19 @@ class DPO(LLMAlgorithm):
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
+        use_liger_loss: bool = False,
         **base_kwargs: Any,
     ) -> None:
         settings = DPOSettings(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         self.__dict__.update(settings.model_dump())
+        self.use_liger_loss = use_liger_loss
         super().__init__(pad_token_id, pad_token, **base_kwargs)
+        if use_liger_loss:
+            require_liger_cross_entropy(self.device, "DPO")
+
+    @property
+    def uses_liger_cross_entropy(self) -> bool:
+        return self.use_liger_loss
 
     def learn(self, experiences: PreferenceBatch) -> dict[str, float]:
         """One pass over the pairs of ``experiences`` in optimizer steps of ``batch_size`` pairs.

@@ -10,8 +10,7 @@ a mutated temperature or group size takes effect at the next rollout.
 from __future__ import annotations
 
 import copy
-import warnings
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,10 +39,6 @@ class RolloutCorrectionSettings(BaseModel):
 class GenerationMixin:
     """Rollouts and held-out evaluation with the actor adapter (mixed into ``LLMAlgorithm``)."""
 
-    # Whether use_liger_loss changes this algorithm's update (GRPO's family and REINFORCE, through
-    # updates.policy_gradient_step); the others warn that they keep the standard path.
-    has_liger_path: ClassVar[bool] = True
-
     def _store_generation_settings(
         self,
         *,
@@ -61,15 +56,7 @@ class GenerationMixin:
         if hf_generate_chunk_size is not None and hf_generate_chunk_size < 1:
             raise ValueError(f"hf_generate_chunk_size must be >= 1 or None, got {hf_generate_chunk_size}.")
         if use_liger_loss:
-            if self.has_liger_path:
-                require_liger()  # fails here, naming the extra, rather than at the first update
-            else:
-                warnings.warn(
-                    f"use_liger_loss=True: {type(self).__name__} has no Liger path yet; it uses the standard fused "
-                    "path.",
-                    UserWarning,
-                    3,
-                )
+            require_liger()  # fails here, naming the extra, rather than at the first update
         if vllm_config is not None and not use_vllm:
             raise ValueError("vllm_config is given but use_vllm=False; pass use_vllm=True to generate with vLLM.")
         if vllm_config is not None and not isinstance(vllm_config, VLLMConfig):

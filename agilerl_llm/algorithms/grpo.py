@@ -42,7 +42,7 @@ from agilerl_llm.algorithms.updates import (
 from agilerl_llm.distributed import DEEPSPEED
 from agilerl_llm.losses import resolve_clip_bounds, resolve_importance_sampling_level
 from agilerl_llm.rollout.base import SamplingSettings
-from agilerl_llm.rollout.vllm import VLLMConfig, warn_once
+from agilerl_llm.rollout.vllm import VLLMConfig
 
 
 class GRPOSettings(BaseModel):
@@ -170,15 +170,9 @@ class GRPO(LLMAlgorithm):
             max_model_len=max_model_len,
         )
         self.fused_loss_chunk_rows = fused_loss_chunk_rows
-        self.use_sequence_packing = use_sequence_packing
-        if use_sequence_packing:
-            warn_once(
-                "use_sequence_packing",
-                "use_sequence_packing=True has no effect yet: the gradient forward runs on padded batches.",
-            )
         self.activation_offload = activation_offload
         self.fitness: list[float] = []
-        super().__init__(pad_token_id, pad_token, **base_kwargs)
+        super().__init__(pad_token_id, pad_token, use_sequence_packing=use_sequence_packing, **base_kwargs)
 
     @property
     def clip_bounds(self) -> tuple[float, float]:

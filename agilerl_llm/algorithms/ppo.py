@@ -31,7 +31,12 @@ from agilerl_llm.advantages import gae, kl_penalised_token_rewards, whiten_token
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.generation import RolloutCorrectionSettings
-from agilerl_llm.algorithms.updates import mismatch_metrics, run_update_epochs, with_mismatch_weights
+from agilerl_llm.algorithms.updates import (
+    liger_ppo_policy_loss,
+    mismatch_metrics,
+    run_update_epochs,
+    with_mismatch_weights,
+)
 from agilerl_llm.checkpoint.state import CheckpointModule
 from agilerl_llm.distributed import is_partitioned
 from agilerl_llm.losses import clipped_value_loss, grpo_policy_loss, kl_k3, resolve_clip_bounds
@@ -67,11 +72,11 @@ class LLMPPO(LLMAlgorithm):
     """PPO on a LoRA actor with a LoRA critic and a value head.
 
     Takes every argument of ``LLMAlgorithm``, the hyperparameters of ``PPOSettings`` and the sampling settings of
-    ``SamplingSettings``. ``use_liger_loss`` is accepted and warns (PPO's Liger path is not built yet).
+    ``SamplingSettings``. ``use_liger_loss=True`` computes the policy loss through Liger's chunked PPO base
+    with per-token advantages (``model/liger.py liger_token_ppo_loss``); the value loss is unchanged.
     """
 
     uses_critic = True
-    has_liger_path = False
     hyperparameter_models = (PPOSettings, SamplingSettings, RolloutCorrectionSettings)
 
     def zero3_refusal(self) -> str | None:
@@ -158,7 +163,9 @@ class LLMPPO(LLMAlgorithm):
         weight = actor.get_base_model().get_output_embeddings().weight
         hidden_size = int((weight.ds_shape if is_partitioned(weight) else weight.shape)[1])
         value_head = ValueHead(hidden_size).to(self.device)
-        return HiddenStatesModel(actor, self.calc_position_embeddings, value_head=value_head)
+        return HiddenStatesModel(
+            actor, self.calc_position_embeddings, value_head=value_head, sequence_packing=self.packs_sequences
+        )
 
     @property
     def value_head(self) -> ValueHead:
@@ -259,22 +266,25 @@ class LLMPPO(LLMAlgorithm):
         for start in range(0, len(rows), self.micro_batch_size_per_gpu):
             micro_rows = rows[start : start + self.micro_batch_size_per_gpu]
             micro = batch.select(micro_rows)
-            logprobs = self.get_logprobs(
-                micro.completion_ids, micro.attention_mask, temperature=self.temperature, requires_grad=True
-            )
-            policy = grpo_policy_loss(
-                logprobs,
-                micro.old_logprobs,
-                None,
-                micro.advantages,
-                micro.action_mask,
-                loss_type="grpo",
-                ratio_low=ratio_low,
-                ratio_high=ratio_high,
-                beta=0.0,
-                num_tokens_normalizer=normalizer,
-                token_weights=micro.token_weights,
-            )
+            if self.use_liger_loss:
+                policy = liger_ppo_policy_loss(self, micro, normalizer, (ratio_low, ratio_high))
+            else:
+                logprobs = self.get_logprobs(
+                    micro.completion_ids, micro.attention_mask, temperature=self.temperature, requires_grad=True
+                )
+                policy = grpo_policy_loss(
+                    logprobs,
+                    micro.old_logprobs,
+                    None,
+                    micro.advantages,
+                    micro.action_mask,
+                    loss_type="grpo",
+                    ratio_low=ratio_low,
+                    ratio_high=ratio_high,
+                    beta=0.0,
+                    num_tokens_normalizer=normalizer,
+                    token_weights=micro.token_weights,
+                )
             # With activation checkpointing each backward must run while its own adapter is active (the forward is
             # recomputed in backward with whichever adapter is active then): two passes. Without it one backward
             # serves both losses (each forward's graph already holds the adapter it ran with).

@@ -18,23 +18,39 @@ import torch
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.envs.sft import SFTGym, SupervisedBatch
 from agilerl_llm.losses import sft_loss
+from agilerl_llm.model.liger_triton import require_liger_cross_entropy
 
 
 class SFT(LLMAlgorithm):
     """Supervised fine-tuning on a LoRA actor. Takes every argument of ``LLMAlgorithm``.
 
-    ``use_separate_reference_adapter`` defaults to False here: SFT has no KL anchor.
+    ``use_separate_reference_adapter`` defaults to False here: SFT has no KL anchor. ``use_liger_loss=True``
+    computes the token log-probs with liger-kernel's fused linear cross-entropy (a Triton kernel: GPUs, or
+    ``TRITON_INTERPRET=1``; see ``model/liger_triton.py``).
     """
 
     # (held-out metric, sign): fitness = sign * metric, so higher fitness is better.
     fitness_metric: ClassVar[tuple[str, float]] = ("eval/loss", -1.0)
 
     def __init__(
-        self, pad_token_id: int, pad_token: str, *, use_separate_reference_adapter: bool = False, **kwargs: Any
+        self,
+        pad_token_id: int,
+        pad_token: str,
+        *,
+        use_separate_reference_adapter: bool = False,
+        use_liger_loss: bool = False,
+        **kwargs: Any,
     ):
+        self.use_liger_loss = use_liger_loss
         super().__init__(
             pad_token_id, pad_token, use_separate_reference_adapter=use_separate_reference_adapter, **kwargs
         )
+        if use_liger_loss:
+            require_liger_cross_entropy(self.device, "SFT")
+
+    @property
+    def uses_liger_cross_entropy(self) -> bool:
+        return self.use_liger_loss
 
     def learn(self, experiences: SupervisedBatch) -> dict[str, float]:
         """One pass over ``experiences`` in optimizer steps of ``batch_size`` rows.

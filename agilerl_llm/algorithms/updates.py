@@ -25,10 +25,10 @@ import torch
 
 from agilerl_llm.algorithms.experience import Experience, micro_batches, place_on_action_tokens
 from agilerl_llm.distributed import DEEPSPEED
-from agilerl_llm.losses import grpo_policy_loss, vllm_importance_weights
+from agilerl_llm.losses import PolicyLossOutput, grpo_policy_loss, vllm_importance_weights
 from agilerl_llm.model.adapters import ACTOR
 from agilerl_llm.model.forward import attended_columns
-from agilerl_llm.model.liger import liger_grpo_loss, liger_unsupported_reason, row_advantages
+from agilerl_llm.model.liger import liger_grpo_loss, liger_token_ppo_loss, liger_unsupported_reason, row_advantages
 from agilerl_llm.rollout.vllm import warn_once
 
 if TYPE_CHECKING:
@@ -268,24 +268,14 @@ def liger_micro_batch_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``liger_grpo_loss`` on one micro-batch: the actor's hidden states over the batch's non-padding columns
     (the same window ``get_logprobs`` scores), then Liger's fused head + loss."""
-    ids, attention = micro.completion_ids.to(agent.device), micro.attention_mask.to(agent.device)
-    first, last = attended_columns(attention)
-    scored = slice(first, last - 1)  # log-prob column j scores token j + 1
-
-    def window(values: torch.Tensor | None) -> torch.Tensor | None:
-        return None if values is None else values[:, scored].to(agent.device)
-
-    with agent._policy_context(ACTOR):
-        hidden = agent.policy_forward(ids[:, first:last], attention[:, first:last])
-    weight, bias = agent._output_head()
-    action_mask = window(micro.action_mask)
+    window = ActorWindow(agent, micro)
     return liger_grpo_loss(
-        hidden[:, :-1],
-        weight,
-        bias,
-        ids[:, first + 1 : last],
-        action_mask,
-        row_advantages(window(micro.advantages), action_mask),
+        window.hidden,
+        window.weight,
+        window.bias,
+        window.target_ids,
+        window.action_mask,
+        row_advantages(window(micro.advantages), window.action_mask),
         window(micro.old_logprobs),
         window(micro.ref_logprobs),
         window(micro.token_weights),
@@ -297,3 +287,43 @@ def liger_micro_batch_loss(
         num_tokens_normalizer=normaliser,
         world_size=agent.dist.world_size,
     )
+
+
+def liger_ppo_policy_loss(
+    agent: LLMAlgorithm, micro: Experience, normaliser: torch.Tensor, ratio_bounds: tuple[float, float]
+) -> PolicyLossOutput:
+    """PPO's policy loss on one micro-batch through ``liger_token_ppo_loss`` (per-token advantages)."""
+    window = ActorWindow(agent, micro)
+    return liger_token_ppo_loss(
+        window.hidden,
+        window.weight,
+        window.bias,
+        window.target_ids,
+        window.action_mask,
+        window(micro.advantages),
+        window(micro.old_logprobs),
+        window(micro.token_weights),
+        ratio_low=ratio_bounds[0],
+        ratio_high=ratio_bounds[1],
+        temperature=agent.temperature,
+        num_tokens_normalizer=normaliser,
+    )
+
+
+class ActorWindow:
+    """The actor's final hidden states over a micro-batch's attended columns (the window ``get_logprobs``
+    scores), with the head and the scored tokens; calling it cuts a (N, T) tensor to the same window."""
+
+    def __init__(self, agent: LLMAlgorithm, micro: Experience) -> None:
+        ids, attention = micro.completion_ids.to(agent.device), micro.attention_mask.to(agent.device)
+        first, last = attended_columns(attention)
+        self.scored = slice(first, last - 1)  # log-prob column j scores token j + 1
+        self.device = agent.device
+        with agent._policy_context(ACTOR):
+            self.hidden = agent.policy_forward(ids[:, first:last], attention[:, first:last])[:, :-1]
+        self.weight, self.bias = agent._output_head()
+        self.target_ids = ids[:, first + 1 : last]
+        self.action_mask = self(micro.action_mask)
+
+    def __call__(self, values: torch.Tensor | None) -> torch.Tensor | None:
+        return None if values is None else values[:, self.scored].to(self.device)

@@ -78,6 +78,10 @@ _FIXED_ATTRIBUTES = frozenset(
         "use_memory_efficient_params",
         "torch_compiler",
         "lora_target_scope",
+        "use_sequence_packing",
+        "packs_sequences",
+        "use_liger_loss",
+        "liger_model_patches",
     }
 )
 

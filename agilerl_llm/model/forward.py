@@ -11,6 +11,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from agilerl_llm.model.packing import packed_forward
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding does not shift them.
@@ -45,15 +47,24 @@ class HiddenStatesModel(nn.Module):
             left-padded batches to match what ``generate`` computed).
         value_head: PPO's value head, kept inside this module so the accelerator wraps (and DeepSpeed's engine
             trains) it together with the adapters; ``forward(..., values=True)`` applies it.
+        sequence_packing: run the decoder on the batch's real tokens packed end to end (``model/packing.py``);
+            the hidden states come back in the padded layout, zero on padding.
     """
 
     def __init__(
-        self, peft_model: PeftModel, calc_position_embeddings: bool = True, value_head: nn.Module | None = None
+        self,
+        peft_model: PeftModel,
+        calc_position_embeddings: bool = True,
+        value_head: nn.Module | None = None,
+        sequence_packing: bool = False,
     ) -> None:
         super().__init__()
+        if sequence_packing and not calc_position_embeddings:
+            raise ValueError("sequence packing needs calc_position_embeddings=True (each packed row restarts at 0).")
         self.peft_model = peft_model
         self.calc_position_embeddings = calc_position_embeddings
         self.value_head = value_head
+        self.sequence_packing = sequence_packing
         _check_output_head(self.causal_lm)
 
     @property
@@ -75,11 +86,14 @@ class HiddenStatesModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: bool = False) -> torch.Tensor:
         """(B, S) ids -> (B, S, H) final hidden states, or with ``values`` (B, S-1) values of the value head
         (position t valuing the prefix up to token t)."""
-        position_ids = position_ids_from_mask(attention_mask) if self.calc_position_embeddings else None
-        outputs = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
-        hidden = outputs.last_hidden_state
+        if self.sequence_packing:
+            hidden = packed_forward(self.backbone, input_ids, attention_mask)
+        else:
+            position_ids = position_ids_from_mask(attention_mask) if self.calc_position_embeddings else None
+            outputs = self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+            hidden = outputs.last_hidden_state
         if not values:
             return hidden
         if self.value_head is None:

@@ -9,6 +9,9 @@ exist at once. It reproduces ``losses.grpo_policy_loss`` exactly for:
 * ``loss_type="gspo"`` at the trajectory level (Liger's "sequence" level: each row's mean log-ratio);
 * with one advantage per row (trajectory advantages), the k3 KL penalty, and the vLLM importance weights.
 
+PPO (per-token GAE advantages, which Liger's GRPO loss cannot take) goes through Liger's chunked PPO base with
+``losses.grpo_policy_loss`` as the chunk loss (``liger_token_ppo_loss``).
+
 Everything else stays on the standard path (``liger_unsupported_reason`` says why, once): CISPO (Liger clamps its
 weight only from above, ours on both sides), turn-level ratios or advantages, and KL advantage shaping.
 
@@ -17,10 +20,13 @@ liger-kernel is imported only when the path is used; without it the error names 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from agilerl_llm.losses import PolicyLossOutput, grpo_policy_loss
 
 LIGER_EXTRA = "use_liger_loss=True needs liger-kernel: pip install 'agilerl_llm[liger]' (or pip install liger-kernel)."
 
@@ -135,3 +141,93 @@ def liger_grpo_loss(
     kl = metrics[0].detach() * rescale if use_kl else torch.zeros((), device=hidden.device)
     clip_fraction = metrics[-1].detach() * rescale
     return loss, kl, clip_fraction
+
+
+def liger_token_ppo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target_ids: Tensor,
+    action_mask: Tensor,
+    advantages: Tensor,
+    old_logprobs: Tensor,
+    token_weights: Tensor | None,
+    *,
+    ratio_low: float,
+    ratio_high: float,
+    temperature: float,
+    num_tokens_normalizer: Tensor,
+) -> PolicyLossOutput:
+    """PPO's clipped policy loss with one advantage per token (GAE), through Liger's fused linear PPO machinery.
+
+    Liger's GRPO loss takes one advantage per row, so PPO uses Liger's chunked base
+    (``LigerFusedLinearPPOBase``: the head, log-probs and their gradient row by row, no full logits) with our own
+    loss on each chunk: ``losses.grpo_policy_loss`` at the token level, beta 0, which is what PPO's standard path
+    computes from the fused log-prob op.
+
+    Args:
+        hidden: (N, T, H) final hidden states predicting ``target_ids`` (carries the gradient).
+        weight, bias: the lm_head's (V, H) weight and (V,) bias or None.
+        target_ids, action_mask, advantages, old_logprobs: (N, T).
+        token_weights: (N, T) detached vLLM importance weights, or None.
+        num_tokens_normalizer: action tokens in the whole optimizer batch, over every rank.
+
+    Returns:
+        ``PolicyLossOutput`` (kl 0: PPO puts its KL into the rewards), scalars normalised by the normaliser.
+    """
+    require_liger()
+    mask = action_mask.bool()
+
+    def masked(values: Tensor | None) -> Tensor | None:
+        return None if values is None else torch.where(mask, values, 0.0).detach()
+
+    loss, (policy_loss, clip_fraction, ratio_mean) = _token_ppo_function().apply(
+        hidden, weight, target_ids, mask.to(hidden.dtype), masked(advantages), bias, masked(old_logprobs),
+        masked(token_weights), ratio_low, ratio_high, temperature, num_tokens_normalizer,
+    )  # fmt: skip
+    zero = torch.zeros((), device=hidden.device)
+    return PolicyLossOutput(loss, policy_loss.detach(), zero, clip_fraction.detach(), ratio_mean.detach())
+
+
+@functools.cache
+def _token_ppo_function() -> type[torch.autograd.Function]:
+    """The autograd function, defined on first use (liger-kernel is an optional extra)."""
+    from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+
+    class TokenAdvantagePPOFunction(LigerFusedLinearPPOBase):
+        @staticmethod
+        def ppo_loss_fn(
+            per_token_logps, attention_mask, advantages, old_per_token_logps, vllm_is_ratio, epsilon_low,
+            epsilon_high, num_items_in_batch, **_: Any,
+        ):  # fmt: skip
+            output = grpo_policy_loss(
+                per_token_logps,
+                per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps,
+                None,
+                advantages,
+                attention_mask.bool(),
+                loss_type="grpo",
+                ratio_low=1.0 - epsilon_low,
+                ratio_high=1.0 + epsilon_high,
+                beta=0.0,
+                num_tokens_normalizer=num_items_in_batch,
+                token_weights=vllm_is_ratio,
+            )
+            return output.loss, (output.policy_loss, output.clip_fraction, output.ratio_mean)
+
+        @classmethod
+        def forward(cls, ctx, hidden, weight, target_ids, mask, advantages, bias, old_logprobs, token_weights,
+                    ratio_low, ratio_high, temperature, normaliser):  # fmt: skip
+            return LigerFusedLinearPPOBase.forward(
+                cls=cls, ctx=ctx, _input=hidden, weight=weight, selected_token_ids=target_ids, attention_mask=mask,
+                advantages=advantages, bias=bias, old_per_token_logps=old_logprobs, vllm_is_ratio=token_weights,
+                epsilon_low=1.0 - ratio_low, epsilon_high=ratio_high - 1.0, beta=0.0, temperature=temperature,
+                compiled=False, use_ref_model=False, chunk_size=1, num_items_in_batch=normaliser,
+            )  # fmt: skip
+
+        @staticmethod
+        def backward(ctx, grad_output, *grad_metrics):
+            grad_input, grad_weight, _, _, _, grad_bias = LigerFusedLinearPPOBase.backward(ctx, grad_output)[:6]
+            return grad_input, grad_weight, None, None, None, grad_bias, None, None, None, None, None, None
+
+    return TokenAdvantagePPOFunction
