@@ -16,6 +16,7 @@ generate). Constructor arguments follow the AgileRL LLM API names and defaults.
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 import warnings
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ from agilerl_llm.model.forward import HiddenStatesModel, attended_columns, enabl
 from agilerl_llm.model.liger_triton import apply_liger_model_patches, liger_token_logprobs
 from agilerl_llm.model.logprobs import fused_logprobs
 from agilerl_llm.model.packing import packing_unsupported_reason
+from agilerl_llm.model.prefix_sharing import prefix_sharing_unsupported_reason, window_prefix
 from agilerl_llm.model.quantization import (
     check_output_head_unquantized,
     check_quantization_config,
@@ -57,6 +59,8 @@ from agilerl_llm.optim import (
 )
 from agilerl_llm.rollout.base import SamplingSettings
 from agilerl_llm.rollout.vllm import warn_once
+
+logger = logging.getLogger(__name__)
 
 
 class LLMAlgorithm(EvolvableMixin, GenerationMixin):
@@ -171,6 +175,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
             )
         self.use_sequence_packing = use_sequence_packing
         self.packs_sequences = False  # whether the training forward really packs (decided once the model exists)
+        self.shares_prefixes = False  # whether a group's prompt is encoded once (decided once the model exists)
         if self.dist.zero_stage == 3 and (reason := self.zero3_refusal()):
             raise NotImplementedError(
                 f"{type(self).__name__} does not run under DeepSpeed ZeRO-3 {reason} Or use data parallel "
@@ -198,6 +203,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         self.actor = self.adapters.model.to(self.device)
         if use_sequence_packing:
             self.packs_sequences = self._check_sequence_packing()
+        self.shares_prefixes = self._check_prefix_sharing()
         self.policy_forward = self.make_policy_forward(self.actor)
         self._build_optimizer()
         if "rollout_engine" in self.__dict__:
@@ -275,6 +281,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         requires_grad: bool = False,
         return_entropy: bool = False,
         sampling: SamplingSettings | None = None,
+        prefix_length: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of each next token: (B, S) ids -> (B, S-1) log-probs [, entropies].
 
@@ -286,18 +293,24 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
                 micro-batches of ``micro_batch_size_per_gpu`` rows.
             sampling: score under the sampling distribution instead (its temperature, then min-p, top-k and top-p,
                 renormalised: ``model/sampling_logprobs.py``), as vLLM reports it; no grad, no entropy.
+            prefix_length: columns that are prompt in every row (``shared_prefix_length`` of the action mask):
+                rows with the same prompt then encode it once (``model/prefix_sharing.py``); None encodes each row.
         """
         if sampling is not None and (requires_grad or return_entropy):
             raise ValueError("get_logprobs(sampling=...) scores the sampling distribution without grad or entropy.")
         if requires_grad:
             with self._policy_context(policy):
-                return self._forward_logprobs(input_ids, attention_mask, temperature, return_entropy)
+                return self._forward_logprobs(
+                    input_ids, attention_mask, temperature, return_entropy, prefix_length=prefix_length
+                )
         chunks = []
         with torch.no_grad(), self._policy_context(policy):
             for start in range(0, input_ids.shape[0], self.micro_batch_size_per_gpu):
                 rows = slice(start, start + self.micro_batch_size_per_gpu)
                 chunks.append(
-                    self._forward_logprobs(input_ids[rows], attention_mask[rows], temperature, return_entropy, sampling)
+                    self._forward_logprobs(
+                        input_ids[rows], attention_mask[rows], temperature, return_entropy, sampling, prefix_length
+                    )
                 )
         if return_entropy:
             return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
@@ -322,12 +335,15 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         temperature: float,
         return_entropy: bool,
         sampling: SamplingSettings | None = None,
+        prefix_length: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         # Columns that are padding in every row (the batch's shared left/right padding) are skipped; the
         # result is zero there, like any other padded position.
         first, last = attended_columns(attention_mask)
-        hidden = self.policy_forward(input_ids[:, first:last], attention_mask[:, first:last])
+        hidden = self.policy_forward(
+            input_ids[:, first:last], attention_mask[:, first:last], prefix_length=window_prefix(prefix_length, first)
+        )
         weight, bias = self._output_head()
         padding = (first, input_ids.shape[1] - last)
         if sampling is not None:
@@ -390,7 +406,21 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
     # ------------------------------------------------------------------------------------------ optimisation
     def make_policy_forward(self, actor: PeftModel) -> HiddenStatesModel:
         """The training forward over ``actor``: the module the accelerator wraps (PPO adds its value head)."""
-        return HiddenStatesModel(actor, self.calc_position_embeddings, sequence_packing=self.packs_sequences)
+        return HiddenStatesModel(
+            actor,
+            self.calc_position_embeddings,
+            sequence_packing=self.packs_sequences,
+            prefix_sharing=self.shares_prefixes,
+        )
+
+    def _check_prefix_sharing(self) -> bool:
+        """Whether this model's cache lets a group's rows share their prompt's encoding (checked by running it)."""
+        reason = prefix_sharing_unsupported_reason(
+            HiddenStatesModel(self.actor, self.calc_position_embeddings).backbone
+        )
+        if reason is not None:
+            logger.info("Each row encodes its own prompt: %s.", reason)
+        return reason is None
 
     def _check_sequence_packing(self) -> bool:
         """Whether this model keeps packed sequences apart; if not, say once that packing is off and why."""

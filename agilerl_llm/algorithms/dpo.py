@@ -27,6 +27,7 @@ from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.envs.preference import PreferenceBatch, PreferenceGym
 from agilerl_llm.losses import dpo_loss, sequence_logprobs
 from agilerl_llm.model.liger_triton import require_liger_cross_entropy
+from agilerl_llm.model.prefix_sharing import shared_prefix_length
 
 
 class DPOSettings(BaseModel):
@@ -118,7 +119,12 @@ class DPO(LLMAlgorithm):
             pairs = torch.arange(start, min(start + self.micro_batch_size_per_gpu, mini_batch.num_pairs))
             micro = mini_batch.select(pairs)
             stacked = micro.stacked()
-            logprobs = self.get_logprobs(stacked.input_ids, stacked.attention_mask, requires_grad=True)
+            logprobs = self.get_logprobs(
+                stacked.input_ids,
+                stacked.attention_mask,
+                requires_grad=True,
+                prefix_length=shared_prefix_length(stacked.loss_mask),  # a pair's rows share the prompt
+            )
             chosen, rejected = sequence_logprobs(logprobs, stacked.loss_mask.to(self.device)).chunk(2)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 chosen,
@@ -146,7 +152,15 @@ class DPO(LLMAlgorithm):
         """(B,) chosen and (B,) rejected summed completion log-probs under ``policy``, without grad."""
         self.set_training_mode(False)
         stacked = batch.stacked()
-        logprobs = self.get_logprobs(stacked.input_ids, stacked.attention_mask, policy=policy)
+        # Scored in pair order (chosen 0, rejected 0, chosen 1, ...), so the micro-batches of get_logprobs keep a
+        # pair's two rows together and they encode their prompt once.
+        pair_order = torch.arange(2 * batch.num_pairs).view(2, -1).T.reshape(-1)
+        logprobs = self.get_logprobs(
+            stacked.input_ids[pair_order],
+            stacked.attention_mask[pair_order],
+            policy=policy,
+            prefix_length=shared_prefix_length(stacked.loss_mask),
+        )[pair_order.argsort().to(self.device)]
         chosen, rejected = sequence_logprobs(logprobs, stacked.loss_mask.to(self.device)).chunk(2)
         return chosen, rejected
 

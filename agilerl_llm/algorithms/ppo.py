@@ -42,6 +42,7 @@ from agilerl_llm.distributed import is_partitioned
 from agilerl_llm.losses import clipped_value_loss, grpo_policy_loss, kl_k3, resolve_clip_bounds
 from agilerl_llm.model.adapters import CRITIC
 from agilerl_llm.model.forward import HiddenStatesModel
+from agilerl_llm.model.prefix_sharing import shared_prefix_length
 from agilerl_llm.model.value_head import ValueHead
 from agilerl_llm.rollout.base import SamplingSettings
 from agilerl_llm.rollout.vllm import VLLMConfig
@@ -172,21 +173,28 @@ class LLMPPO(LLMAlgorithm):
         """The critic's value head (a submodule of the training forward)."""
         return self.policy_forward_module.value_head
 
-    def get_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def get_values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_length: int | None = None
+    ) -> torch.Tensor:
         """Critic values without grad: (N, S) ids -> (N, S-1), position t valuing the prefix up to token t.
 
-        Aligned with the log-probs: position t is the state from which token t + 1 is chosen.
+        Aligned with the log-probs: position t is the state from which token t + 1 is chosen. ``prefix_length``
+        as for ``get_logprobs``.
         """
         chunks = []
         with torch.no_grad(), self.select_adapter(CRITIC):
             for start in range(0, input_ids.shape[0], self.micro_batch_size_per_gpu):
                 rows = slice(start, start + self.micro_batch_size_per_gpu)
-                chunks.append(self._critic_forward(input_ids[rows], attention_mask[rows]))
+                chunks.append(self._critic_forward(input_ids[rows], attention_mask[rows], prefix_length))
         return torch.cat(chunks)
 
-    def _critic_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _critic_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_length: int | None = None
+    ) -> torch.Tensor:
         """(N, S) -> (N, S-1) values; call with the critic adapter active."""
-        return self.policy_forward(input_ids.to(self.device), attention_mask.to(self.device), values=True)
+        return self.policy_forward(
+            input_ids.to(self.device), attention_mask.to(self.device), values=True, prefix_length=prefix_length
+        )
 
     # ------------------------------------------------------------------------------------------ learning
     def learn(
@@ -215,12 +223,19 @@ class LLMPPO(LLMAlgorithm):
             turn_ids = turn_ids.to(self.device)
         mask = batch.action_mask
         self.set_training_mode(False)
-        old_logprobs = self.get_logprobs(batch.completion_ids, batch.attention_mask, temperature=self.temperature)
-        old_values = self.get_values(batch.completion_ids, batch.attention_mask)
+        prefix = shared_prefix_length(mask)
+        old_logprobs = self.get_logprobs(
+            batch.completion_ids, batch.attention_mask, temperature=self.temperature, prefix_length=prefix
+        )
+        old_values = self.get_values(batch.completion_ids, batch.attention_mask, prefix)
         kl = None
         if self.beta > 0:
             ref = self.get_logprobs(
-                batch.completion_ids, batch.attention_mask, policy="reference", temperature=self.temperature
+                batch.completion_ids,
+                batch.attention_mask,
+                policy="reference",
+                temperature=self.temperature,
+                prefix_length=prefix,
             )
             kl = kl_k3(torch.where(mask, old_logprobs, 0.0), torch.where(mask, ref, 0.0))
         token_rewards = kl_penalised_token_rewards(rewards, mask, kl, self.beta, turn_ids=turn_ids)
@@ -270,7 +285,11 @@ class LLMPPO(LLMAlgorithm):
                 policy = liger_ppo_policy_loss(self, micro, normalizer, (ratio_low, ratio_high))
             else:
                 logprobs = self.get_logprobs(
-                    micro.completion_ids, micro.attention_mask, temperature=self.temperature, requires_grad=True
+                    micro.completion_ids,
+                    micro.attention_mask,
+                    temperature=self.temperature,
+                    requires_grad=True,
+                    prefix_length=shared_prefix_length(micro.action_mask),
                 )
                 policy = grpo_policy_loss(
                     logprobs,
@@ -292,7 +311,9 @@ class LLMPPO(LLMAlgorithm):
             if two_passes:
                 self._backward(policy.loss)
             with self.select_adapter(CRITIC):
-                values = self._critic_forward(micro.completion_ids, micro.attention_mask)
+                values = self._critic_forward(
+                    micro.completion_ids, micro.attention_mask, shared_prefix_length(micro.action_mask)
+                )
                 value_loss = clipped_value_loss(
                     values,
                     old_values[micro_rows],

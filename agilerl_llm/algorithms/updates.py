@@ -29,6 +29,7 @@ from agilerl_llm.losses import PolicyLossOutput, grpo_policy_loss, vllm_importan
 from agilerl_llm.model.adapters import ACTOR
 from agilerl_llm.model.forward import attended_columns
 from agilerl_llm.model.liger import liger_grpo_loss, liger_token_ppo_loss, liger_unsupported_reason, row_advantages
+from agilerl_llm.model.prefix_sharing import shared_prefix_length, window_prefix
 from agilerl_llm.rollout.vllm import warn_once
 
 if TYPE_CHECKING:
@@ -86,7 +87,13 @@ def token_normaliser(agent: LLMAlgorithm, mini_batch: Experience) -> torch.Tenso
 def no_grad_logprobs(agent: LLMAlgorithm, batch: Experience, policy: str) -> torch.Tensor:
     """(N, T) log-probs of ``batch`` under ``policy`` ("actor" or "reference") at the sampling temperature."""
     agent.set_training_mode(False)
-    return agent.get_logprobs(batch.completion_ids, batch.attention_mask, policy=policy, temperature=agent.temperature)
+    return agent.get_logprobs(
+        batch.completion_ids,
+        batch.attention_mask,
+        policy=policy,
+        temperature=agent.temperature,
+        prefix_length=shared_prefix_length(batch.action_mask),
+    )
 
 
 def with_behaviour_logprobs(agent: LLMAlgorithm, batch: Experience, beta: float) -> Experience:
@@ -116,7 +123,12 @@ def with_mismatch_weights(
         return batch
     sampling, given = place_on_action_tokens(sampling_logps, batch.action_mask)
     agent.set_training_mode(False)
-    trainer = agent.get_logprobs(batch.completion_ids, batch.attention_mask, sampling=agent.sampling_settings())
+    trainer = agent.get_logprobs(
+        batch.completion_ids,
+        batch.attention_mask,
+        sampling=agent.sampling_settings(),
+        prefix_length=shared_prefix_length(batch.action_mask),
+    )
     corrected = batch.action_mask & given[:, None]
     weights = vllm_importance_weights(trainer, sampling, agent.vllm_importance_sampling_cap, corrected)
     weights = torch.where(given[:, None], weights, batch.action_mask.to(weights.dtype))
@@ -215,7 +227,7 @@ def standard_micro_batch_loss(
     ``clip_fraction``, ``ratio_mean`` and ``entropy``, each normalised by the step's token count."""
     logprobs, entropy = agent.get_logprobs(
         micro.completion_ids, micro.attention_mask, temperature=agent.temperature, requires_grad=True,
-        return_entropy=True,
+        return_entropy=True, prefix_length=shared_prefix_length(micro.action_mask),
     )  # fmt: skip
     output = grpo_policy_loss(
         logprobs,
@@ -320,7 +332,9 @@ class ActorWindow:
         self.scored = slice(first, last - 1)  # log-prob column j scores token j + 1
         self.device = agent.device
         with agent._policy_context(ACTOR):
-            self.hidden = agent.policy_forward(ids[:, first:last], attention[:, first:last])[:, :-1]
+            prefix = window_prefix(shared_prefix_length(micro.action_mask), first)
+            self.hidden = agent.policy_forward(ids[:, first:last], attention[:, first:last], prefix_length=prefix)
+            self.hidden = self.hidden[:, :-1]
         self.weight, self.bias = agent._output_head()
         self.target_ids = ids[:, first + 1 : last]
         self.action_mask = self(micro.action_mask)

@@ -80,6 +80,7 @@ _FIXED_ATTRIBUTES = frozenset(
         "lora_target_scope",
         "use_sequence_packing",
         "packs_sequences",
+        "shares_prefixes",
         "use_liger_loss",
         "liger_model_patches",
     }

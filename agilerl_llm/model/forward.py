@@ -12,6 +12,7 @@ from peft import PeftModel
 from torch import nn
 
 from agilerl_llm.model.packing import packed_forward
+from agilerl_llm.model.prefix_sharing import shared_prefix_forward
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,9 @@ class HiddenStatesModel(nn.Module):
             trains) it together with the adapters; ``forward(..., values=True)`` applies it.
         sequence_packing: run the decoder on the batch's real tokens packed end to end (``model/packing.py``);
             the hidden states come back in the padded layout, zero on padding.
+        prefix_sharing: when a forward is given ``prefix_length``, run each distinct prefix (a group's prompt)
+            once and the rows' remainders on its cache (``model/prefix_sharing.py``); it takes precedence over
+            packing where rows share a prefix.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class HiddenStatesModel(nn.Module):
         calc_position_embeddings: bool = True,
         value_head: nn.Module | None = None,
         sequence_packing: bool = False,
+        prefix_sharing: bool = False,
     ) -> None:
         super().__init__()
         if sequence_packing and not calc_position_embeddings:
@@ -65,6 +70,9 @@ class HiddenStatesModel(nn.Module):
         self.calc_position_embeddings = calc_position_embeddings
         self.value_head = value_head
         self.sequence_packing = sequence_packing
+        self.prefix_sharing = prefix_sharing and calc_position_embeddings
+        # transformers drops a cache inside checkpointed layers when grad is on: no prefix sharing then
+        self.checkpointed_layers = any(getattr(m, "gradient_checkpointing", False) for m in self.backbone.modules())
         _check_output_head(self.causal_lm)
 
     @property
@@ -83,12 +91,23 @@ class HiddenStatesModel(nn.Module):
         head = self.causal_lm.get_output_embeddings()
         return head.weight, head.bias
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        values: bool = False,
+        prefix_length: int | None = None,
+    ) -> torch.Tensor:
         """(B, S) ids -> (B, S, H) final hidden states, or with ``values`` (B, S-1) values of the value head
-        (position t valuing the prefix up to token t)."""
-        if self.sequence_packing:
+        (position t valuing the prefix up to token t). ``prefix_length``: columns that are prompt in every row
+        (``shared_prefix_length``), shared by the rows of a group."""
+        hidden = None
+        if prefix_length and self.prefix_sharing and not (torch.is_grad_enabled() and self.checkpointed_layers):
+            positions = position_ids_from_mask(attention_mask)
+            hidden = shared_prefix_forward(self.backbone, input_ids, attention_mask, positions, prefix_length)
+        if hidden is None and self.sequence_packing:
             hidden = packed_forward(self.backbone, input_ids, attention_mask)
-        else:
+        elif hidden is None:
             position_ids = position_ids_from_mask(attention_mask) if self.calc_position_embeddings else None
             outputs = self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

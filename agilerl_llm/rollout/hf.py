@@ -18,23 +18,16 @@ Two things keep a rollout from paying for work it does not need:
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING
 
 import torch
-import transformers.generation.utils as generation_utils
 from peft import LoraConfig, PeftModel
 from torch import nn
 
+from agilerl_llm.model.prefix_sharing import CACHE_ARGUMENT
 from agilerl_llm.rollout.base import ActionResult, SamplingSettings, masks_from_lengths
 
 # generate() reads a prefilled cache as ``cache`` in newer transformers, ``past_key_values`` before the rename.
-_CACHE_ARGUMENT = (
-    "cache"
-    if "cache" in inspect.signature(generation_utils.GenerationMixin.prepare_inputs_for_generation).parameters
-    else "past_key_values"
-)
-
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
 
@@ -184,7 +177,7 @@ def generate_completions(
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_ids,
             synced_gpus=synced_gpus,
-            **({_CACHE_ARGUMENT: cache} if cache is not None else {}),
+            **({CACHE_ARGUMENT: cache} if cache is not None else {}),
             **kwargs,
         )
         pieces.append(output[:, prompt_length:])
