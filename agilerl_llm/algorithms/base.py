@@ -467,8 +467,12 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
 
     # ------------------------------------------------------------------------------------------ modes & wrapping
     def set_training_mode(self, training: bool) -> None:
-        """Train mode enables LoRA dropout and gradient checkpointing; eval mode disables both."""
-        self.actor.train(training)
+        """Train mode enables LoRA dropout and gradient checkpointing; eval mode disables both.
+
+        Only a change of mode walks the model's modules (thousands of them; on a small model that walk is a few
+        percent of a step); every mode change in the package goes through here or restores what it found."""
+        if self.actor.training != training:
+            self.actor.train(training)
 
     def wrap_models(self) -> None:
         """Ready the training forward and optimizer for the accelerator's backend (together, for DeepSpeed).

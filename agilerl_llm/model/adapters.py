@@ -16,12 +16,16 @@ that rule after every switch.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
@@ -32,6 +36,8 @@ REFERENCE = "reference"
 CRITIC = "critic"
 ADAPTER_NAMES = (ACTOR, REFERENCE, CRITIC)
 TRAINABLE_ADAPTERS = frozenset({ACTOR, CRITIC})
+# Largest total of base weights ``merged_for_sampling`` copies (beyond it, generation runs unmerged).
+MERGED_SAMPLING_BUDGET_BYTES = 256 * 2**20
 
 # LoRA config fields that change the adapter's weight shapes or what its weights mean. Two configs that
 # agree on these can exchange adapter weights; any other difference (e.g. dropout) is harmless.
@@ -116,10 +122,22 @@ class AdapterSet:
         self.model = _attach(model, lora_config, self.names)
         if initial_actor_weights is not None:
             set_peft_model_state_dict(self.model, initial_actor_weights, adapter_name=ACTOR)
+        self._index_modules()
         if REFERENCE in self.names:
             self.copy(ACTOR, REFERENCE)
         self.active = ACTOR
         self.activate(ACTOR)
+
+    def _index_modules(self) -> None:
+        """Find, once, the layers an adapter switch touches and each adapter's parameters: PEFT's own switching
+        (``set_adapter``, ``disable_adapter``) walks every module of the model, and reports the model's status,
+        at every call, which cost a tiny model a tenth of its training step."""
+        self._switchable = [
+            m for m in self.model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+        ]
+        self._by_adapter = self._parameters_by_adapter()
+        self._layers_adapter: str | None = None  # the adapter the layers were last set to
+        self._disabled = False
 
     def copy_sharing_base(self) -> AdapterSet:
         """An adapter set on a deep copy of the PEFT model that keeps pointing at the same frozen base tensors:
@@ -131,6 +149,8 @@ class AdapterSet:
                 raise RuntimeError(f"clone(): parameter {name} is {'shared' if original is new else 'copied'}.")
         result = copy.copy(self)
         result.model = copied
+        result._index_modules()
+        result.activate(self.active)
         return result
 
     @property
@@ -147,9 +167,13 @@ class AdapterSet:
     def activate(self, name: str) -> None:
         """Make ``name`` the adapter used by forward passes; actor/critic stay trainable, the rest frozen."""
         self.check_name(name)
-        self.model.base_model.set_adapter(name)
+        if name != self._layers_adapter:
+            for module in self._switchable:
+                module.set_adapter(name)  # also sets requires_grad in that layer; our rule is applied below
+            self.model.base_model.active_adapter = name
+            self._layers_adapter = name
         self.active = name
-        for adapter, parameters in self._parameters_by_adapter().items():
+        for adapter, parameters in self._by_adapter.items():
             for parameter in parameters:
                 parameter.requires_grad_(adapter in TRAINABLE_ADAPTERS)
 
@@ -166,8 +190,46 @@ class AdapterSet:
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """Run a block on the bare base model (every adapter bypassed)."""
-        with self.model.disable_adapter():
+        outermost = not self._disabled
+        if outermost:
+            for module in self._switchable:
+                module.enable_adapters(False)
+            self._disabled = True
+        try:
             yield
+        finally:
+            if outermost:
+                for module in self._switchable:
+                    module.enable_adapters(True)
+                self._disabled = False
+
+    @contextmanager
+    @torch.no_grad()
+    def merged_for_sampling(self, budget_bytes: int = MERGED_SAMPLING_BUDGET_BYTES) -> Iterator[None]:
+        """Run a no-grad block (generation) with the active adapter folded into temporary weight copies.
+
+        Each plain LoRA linear layer then runs one matmul with ``W + scaling * B @ A`` instead of the base matmul
+        plus the two adapter matmuls and PEFT's per-call bookkeeping: on a small model that is most of the cost of a
+        decoding step. The base weights are never modified (a population shares them), and the copies are dropped
+        on exit. The output equals the unmerged layer's up to float rounding, so the sampled tokens come from the
+        same policy; the log-probs used for learning are always computed unmerged.
+
+        Left unmerged: layers with dropout in training mode, LoRA variants (DoRA, ...), non-float (quantized) or
+        ZeRO-3-partitioned base weights, and every layer when the copies would exceed ``budget_bytes`` (on a large
+        model the adapter matmuls are a small share of the step and the copies would cost memory).
+        """
+        layers = [layer for layer in self._switchable if _mergeable(layer, self.active)] if not self._disabled else []
+        if sum(layer.base_layer.weight.nbytes for layer in layers) > budget_bytes:
+            layers = []
+        for layer in layers:
+            base = layer.base_layer
+            merged = base.weight + layer.get_delta_weight(self.active).to(base.weight.dtype)
+            layer.forward = functools.partial(_merged_linear, weight=merged, bias=base.bias)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer.forward  # back to the class's forward
 
     # ----------------------------------------------------------------------------------------- weights
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -224,7 +286,7 @@ class AdapterSet:
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         """The adapter's own parameters, in a stable order."""
         self.check_name(name)
-        return self._parameters_by_adapter()[name]
+        return self._by_adapter[name]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters the optimizer owns: the actor's, then the critic's when present."""
@@ -238,6 +300,22 @@ class AdapterSet:
                     grouped[name].append(parameter)
                     break
         return grouped
+
+
+def _mergeable(layer: torch.nn.Module, adapter: str) -> bool:
+    """Whether ``merged_for_sampling`` can fold ``adapter`` into this layer: a plain LoRA linear over a float,
+    unpartitioned nn.Linear, adapter active, no variant, no dropout that would act."""
+    if type(layer) is not LoraLinear or adapter not in layer.lora_A or adapter in layer.lora_variant:
+        return False
+    base = layer.base_layer
+    if type(base) is not torch.nn.Linear or not base.weight.is_floating_point() or hasattr(base.weight, "ds_id"):
+        return False
+    dropout = layer.lora_dropout[adapter]
+    return not (layer.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0) and not layer.merged
+
+
+def _merged_linear(x: torch.Tensor, *args: object, weight: torch.Tensor, bias: torch.Tensor | None, **kwargs: object):
+    return torch.nn.functional.linear(x.to(weight.dtype), weight, bias)
 
 
 def _attach(model: PreTrainedModel, lora_config: LoraConfig, names: tuple[str, ...]) -> PeftModel:

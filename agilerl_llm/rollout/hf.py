@@ -216,18 +216,19 @@ class HFRolloutEngine:
         sampling: SamplingSettings,
         do_sample: bool,
     ) -> ActionResult:
-        return generate_completions(
-            agent.actor,
-            prompt_ids.to(agent.device),
-            prompt_mask.to(agent.device),
-            num_completions=num_completions,
-            sampling=sampling,
-            do_sample=do_sample,
-            pad_token_id=agent.pad_token_id,
-            eos_token_ids=eos_token_ids(agent.actor),
-            chunk_size=getattr(agent, "hf_generate_chunk_size", None),
-            synced_gpus=agent.dist.synced_generation,
-        )
+        with agent.adapters.merged_for_sampling():
+            return generate_completions(
+                agent.actor,
+                prompt_ids.to(agent.device),
+                prompt_mask.to(agent.device),
+                num_completions=num_completions,
+                sampling=sampling,
+                do_sample=do_sample,
+                pad_token_id=agent.pad_token_id,
+                eos_token_ids=eos_token_ids(agent.actor),
+                chunk_size=getattr(agent, "hf_generate_chunk_size", None),
+                synced_gpus=agent.dist.synced_generation,
+            )
 
     def sync(self, agent: LLMAlgorithm) -> None:
         """Nothing to do: ``generate`` runs on the live model."""
