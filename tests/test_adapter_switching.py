@@ -81,3 +81,38 @@ def test_greedy_generation_is_the_same_merged(tiny_model_dir, tokenizer):
     with agent.adapters.merged_for_sampling():
         merged = generate_completions(agent.actor, IDS, MASK, **kwargs)
     assert torch.equal(plain.completion_ids, merged.completion_ids)
+
+
+def reference_storages(agent):
+    return [p.data_ptr() for p in agent.adapters.parameters(REFERENCE)]
+
+
+def test_clones_share_the_reference_until_it_moves(tiny_model_dir, tokenizer, tmp_path):
+    agent = agent_with_moved_adapters(tiny_model_dir, tokenizer)
+    reference = {k: v.clone() for k, v in agent.adapters.state_dict(REFERENCE).items()}
+    clone, other = agent.clone(), agent.clone()
+    assert reference_storages(clone) == reference_storages(agent) == reference_storages(other)  # one copy
+    assert all(not p.requires_grad for p in clone.adapters.parameters(REFERENCE))
+    # a member's reference moves: it alone gets new storage and values; the others keep theirs
+    clone.set_reference_policy(1)
+    assert reference_storages(clone) != reference_storages(agent)
+    for key, value in clone.adapters.state_dict(REFERENCE).items():
+        torch.testing.assert_close(value, clone.adapters.state_dict(ACTOR)[key])
+    for member in (agent, other):
+        assert all(torch.equal(member.adapters.state_dict(REFERENCE)[k], v) for k, v in reference.items())
+    assert reference_storages(agent) == reference_storages(other)
+    # a checkpoint with another reference loads into a sharing member without touching the others
+    clone.save_checkpoint(str(tmp_path / "moved"))
+    other.load_checkpoint(str(tmp_path / "moved"), overwrite_reference_adapter=True)
+    assert reference_storages(other) != reference_storages(agent)
+    assert all(torch.equal(agent.adapters.state_dict(REFERENCE)[k], v) for k, v in reference.items())
+    for key, value in clone.adapters.state_dict(REFERENCE).items():
+        torch.testing.assert_close(other.adapters.state_dict(REFERENCE)[key], value)
+    # the same through a full-state checkpoint (written in place into the model's tensors)
+    third = agent.clone()
+    clone.save_checkpoint(str(tmp_path / "full"), lora_only=False)
+    third.load_checkpoint(str(tmp_path / "full"), overwrite_reference_adapter=True)
+    assert reference_storages(third) != reference_storages(agent)
+    assert all(torch.equal(agent.adapters.state_dict(REFERENCE)[k], v) for k, v in reference.items())
+    for key, value in clone.adapters.state_dict(REFERENCE).items():
+        torch.testing.assert_close(third.adapters.state_dict(REFERENCE)[key], value)

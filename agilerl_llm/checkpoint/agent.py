@@ -328,6 +328,8 @@ def _apply_weights(
     parameters = list(agent.actor.parameters()) if full_state is not None else lora_parameters(agent)
     with gathered(parameters, modify=True):
         if full_state is not None:
+            for name in plan.from_checkpoint:
+                agent.adapters.own(name)  # written in place below: never into a tensor another member holds
             agent.actor.load_state_dict(_full_state_subset(full_state, plan), strict=False)
             forget_fingerprint(agent.actor)  # the base weights may have changed
         for name, weights in adapter_weights.items():

@@ -138,20 +138,47 @@ class AdapterSet:
         self._by_adapter = self._parameters_by_adapter()
         self._layers_adapter: str | None = None  # the adapter the layers were last set to
         self._disabled = False
+        self.shared_storage: set[str] = set()  # adapters whose tensors other sets hold too (copy_sharing_base)
 
     def copy_sharing_base(self) -> AdapterSet:
-        """An adapter set on a deep copy of the PEFT model that keeps pointing at the same frozen base tensors:
-        every adapter tensor is copied, no base tensor is (``clone()``: a population member costs its adapters)."""
-        shared = {id(p): p for name, p in self.model.named_parameters() if "lora_" not in name}
-        copied = copy.deepcopy(self.model, memo=shared)
+        """An adapter set on a deep copy of the PEFT model that keeps pointing at the same frozen base tensors
+        (``clone()``: a population member costs its adapters).
+
+        The trainable adapters are copied. The frozen reference adapter is shared too, copy-on-write: the copy gets
+        its own Parameter objects over the same storage, and whichever set writes different values into it first
+        (``set_reference_policy``, a checkpoint load) takes a private copy then (``own``). Until a member's
+        reference moves, the population holds one reference.
+        """
+        memo = {id(p): p for name, p in self.model.named_parameters() if "lora_" not in name}
+        frozen = set(self.names) - TRAINABLE_ADAPTERS
+        for name in frozen:
+            for parameter in self._by_adapter[name]:
+                memo[id(parameter)] = torch.nn.Parameter(parameter.data, requires_grad=False)
+        copied = copy.deepcopy(self.model, memo=memo)
         for (name, original), (_, new) in zip(self.model.named_parameters(), copied.named_parameters(), strict=True):
-            if (original is new) == ("lora_" in name):  # the base must be shared, every adapter tensor copied
+            if (original is new) == ("lora_" in name):  # the base must be shared, every adapter Parameter copied
                 raise RuntimeError(f"clone(): parameter {name} is {'shared' if original is new else 'copied'}.")
         result = copy.copy(self)
         result.model = copied
         result._index_modules()
         result.activate(self.active)
+        self.shared_storage = self.shared_storage | frozen
+        result.shared_storage = set(self.shared_storage)
         return result
+
+    def own(self, name: str) -> None:
+        """Give adapter ``name`` storage of its own if it shares it with another set (before writing into it)."""
+        if name in self.shared_storage:
+            for parameter in self._by_adapter[name]:
+                parameter.data = parameter.data.clone()
+            self.shared_storage = self.shared_storage - {name}
+
+    def _holds(self, name: str, weights: dict[str, torch.Tensor]) -> bool:
+        """Whether adapter ``name`` already holds exactly ``weights`` (keyed as ``state_dict`` returns them)."""
+        current = self.state_dict(name)
+        return current.keys() == weights.keys() and all(
+            torch.equal(current[key], tensor.to(current[key].device)) for key, tensor in weights.items()
+        )
 
     @property
     def lora_config(self) -> LoraConfig:
@@ -252,6 +279,10 @@ class AdapterSet:
                     f"Adapter weight {key!r} for {name!r} has shape {tuple(tensor.shape)} but the live adapter has "
                     f"{tuple(expected[key].shape)}: the checkpoint was made for another base model or LoRA rank."
                 )
+        if name in self.shared_storage:
+            if self._holds(name, weights):
+                return  # a clone loading what it shares already: it stays shared
+            self.own(name)
         set_peft_model_state_dict(self.model, weights, adapter_name=name)
         # set_peft_model_state_dict may touch requires_grad; restore our rule.
         self.activate(self.active)
@@ -278,6 +309,10 @@ class AdapterSet:
         """Overwrite adapter ``target``'s weights with ``source``'s (e.g. actor -> reference)."""
         self.check_name(source)
         self.check_name(target)
+        if target in self.shared_storage:
+            if self._holds(target, self.state_dict(source)):
+                return
+            self.own(target)
         named = dict(self.model.named_parameters())
         for parameter_name, parameter in named.items():
             if f".{source}." in parameter_name:
