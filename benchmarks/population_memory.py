@@ -10,7 +10,8 @@ A worker imports everything, records its RSS (the "runtime" baseline: Python, to
 then builds the population, runs one real ``learn`` step per member (so every member's AdamW state and
 gradients exist) and records:
 
-* ``VmRSS`` from /proc/self/status after the steps, and the peak ``ru_maxrss``;
+* ``VmRSS`` from /proc/self/status after the steps (after ``gc.collect()`` and glibc's ``malloc_trim(0)``, so heap
+  the steps freed is not counted as held), and the peak ``ru_maxrss``;
 * the bytes of unique tensor storage (parameters, buffers, optimizer state), deduplicated by storage pointer
   and split into the frozen base parameters and the per-member part (LoRA adapters, optimizer state and the
   model's small buffers, e.g. rotary tables, which clones copy).
@@ -22,6 +23,8 @@ same base tensors); "naive" members each load their own base with ``from_pretrai
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -106,6 +109,10 @@ def worker(mode: str, members: int, model_dir: str) -> dict[str, float]:
         action_mask[:, 8:] = 1
         agent.learn((ids, action_mask, torch.rand(1, 4, generator=generator)))
     base, per_member = tensor_bytes(population)
+    # Freed heap (the learn steps' activations) back to the OS before reading RSS, so RSS counts what the
+    # population holds rather than what glibc kept cached from the steps.
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     return {
         "runtime_mb": runtime_mb,
         "rss_mb": vm_rss_mb(),
