@@ -48,3 +48,15 @@ def arithmetic_env(
     return ReasoningGym(
         ARITHMETIC[:10], ARITHMETIC[10:], tokenizer, reward_fn, data_batch_size_per_gpu=batch_size, seed=5
     )
+
+
+def move_lora_b(agent: Any, std: float = 0.05, adapter: str | None = None, seed: int = 1) -> None:
+    """Draw the LoRA B matrices (``adapter``'s, or every adapter's) off their zero init, so each adapter changes
+    the model's output and every LoRA weight gets a gradient."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in agent.actor.named_parameters():
+            if "lora_B" in name and (adapter is None or f".{adapter}." in name):
+                parameter.normal_(0, std)

@@ -4,6 +4,7 @@ weights it samples with: each gives what PEFT's own path gives, on a real tiny m
 from __future__ import annotations
 
 import torch
+from helpers import move_lora_b
 from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import AutoModelForCausalLM
 
@@ -19,11 +20,7 @@ MASK = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
 def agent_with_moved_adapters(model_dir, tokenizer):
     agent = GRPO(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
                  gradient_checkpointing=False, max_output_tokens=6)  # fmt: skip
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in agent.actor.named_parameters():
-            if "lora_B" in name and f".{ACTOR}." in name:
-                parameter.normal_(0, 0.1)
+    move_lora_b(agent, std=0.1, adapter=ACTOR, seed=0)
     return agent
 
 

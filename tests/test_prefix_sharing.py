@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import move_lora_b
 from transformers import AutoModelForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
@@ -33,11 +34,7 @@ def build(cls, model_dir, tokenizer, **kwargs):
     settings = {"gradient_checkpointing": False, "seed": 3, "lr": 1e-2} | kwargs
     agent = cls(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=AutoModelForCausalLM.from_pretrained(model_dir),
                 **settings)  # fmt: skip
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in agent.actor.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    move_lora_b(agent)
     return agent
 
 

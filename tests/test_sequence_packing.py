@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import move_lora_b
 from transformers import AutoModelForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
@@ -69,11 +70,7 @@ def build(agent_cls, model_dir, tokenizer, attention, packing, **kwargs):
     network = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention)
     agent = agent_cls(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=network, gradient_checkpointing=False,
                       use_sequence_packing=packing, seed=3, lr=1e-2, batch_size=4, **kwargs)  # fmt: skip
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in agent.actor.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    move_lora_b(agent)
     return agent
 
 
