@@ -161,13 +161,16 @@ def test_clone_is_deep_but_shares_the_frozen_base(tiny_model, tokenizer, batch):
     agent_params, clone_params = dict(agent.actor.named_parameters()), dict(clone.actor.named_parameters())
     for name, parameter in agent_params.items():
         same_storage = parameter.data_ptr() == clone_params[name].data_ptr()
-        assert same_storage == ("lora_" not in name), name
+        # the frozen base is shared, and the frozen reference adapter until it moves (copy-on-write)
+        assert same_storage == ("lora_" not in name or ".reference." in name), name
 
     before = snapshot(agent)
     train_one_step(clone, batch)
     clone.set_reference_policy(1)
     after = snapshot(agent)
     assert all(torch.equal(before[n], after[n]) for n in before), "training the clone changed the original"
+    moved = dict(clone.actor.named_parameters())
+    assert all(p.data_ptr() != moved[n].data_ptr() for n, p in agent_params.items() if ".reference." in n)
     assert not torch.equal(
         clone.get_logprobs(batch.input_ids, batch.attention_mask),
         agent.get_logprobs(batch.input_ids, batch.attention_mask),
