@@ -39,7 +39,12 @@ from agilerl_llm.checkpoint.state import AgentState, CheckpointModule, capture_s
 from agilerl_llm.distributed import Distributed
 from agilerl_llm.evolution.hyperparameters import HyperparameterConfig, as_hyperparameter_config
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
-from agilerl_llm.model.forward import HiddenStatesModel, attended_columns, enable_activation_checkpointing
+from agilerl_llm.model.forward import (
+    HiddenStatesModel,
+    attended_columns,
+    decoder_of,
+    enable_activation_checkpointing,
+)
 from agilerl_llm.model.liger_triton import apply_liger_model_patches, liger_token_logprobs
 from agilerl_llm.model.logprobs import fused_logprobs
 from agilerl_llm.model.packing import packing_unsupported_reason
@@ -415,17 +420,14 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
 
     def _check_prefix_sharing(self) -> bool:
         """Whether this model's cache lets a group's rows share their prompt's encoding (checked by running it)."""
-        reason = prefix_sharing_unsupported_reason(
-            HiddenStatesModel(self.actor, self.calc_position_embeddings).backbone
-        )
+        reason = prefix_sharing_unsupported_reason(decoder_of(self.actor))
         if reason is not None:
             logger.info("Each row encodes its own prompt: %s.", reason)
         return reason is None
 
     def _check_sequence_packing(self) -> bool:
         """Whether this model keeps packed sequences apart; if not, say once that packing is off and why."""
-        backbone = HiddenStatesModel(self.actor, self.calc_position_embeddings).backbone
-        reason = packing_unsupported_reason(backbone)
+        reason = packing_unsupported_reason(decoder_of(self.actor))
         if reason is not None:
             warn_once("use_sequence_packing", f"use_sequence_packing=True has no effect: {reason}; batches stay padded")
         return reason is None

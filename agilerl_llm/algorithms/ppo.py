@@ -281,6 +281,7 @@ class LLMPPO(LLMAlgorithm):
         for start in range(0, len(rows), self.micro_batch_size_per_gpu):
             micro_rows = rows[start : start + self.micro_batch_size_per_gpu]
             micro = batch.select(micro_rows)
+            prefix = shared_prefix_length(micro.action_mask)
             if self.use_liger_loss:
                 policy = liger_ppo_policy_loss(self, micro, normalizer, (ratio_low, ratio_high))
             else:
@@ -289,7 +290,7 @@ class LLMPPO(LLMAlgorithm):
                     micro.attention_mask,
                     temperature=self.temperature,
                     requires_grad=True,
-                    prefix_length=shared_prefix_length(micro.action_mask),
+                    prefix_length=prefix,
                 )
                 policy = grpo_policy_loss(
                     logprobs,
@@ -311,9 +312,7 @@ class LLMPPO(LLMAlgorithm):
             if two_passes:
                 self._backward(policy.loss)
             with self.select_adapter(CRITIC):
-                values = self._critic_forward(
-                    micro.completion_ids, micro.attention_mask, shared_prefix_length(micro.action_mask)
-                )
+                values = self._critic_forward(micro.completion_ids, micro.attention_mask, prefix)
                 value_loss = clipped_value_loss(
                     values,
                     old_values[micro_rows],

@@ -30,6 +30,12 @@ def attended_columns(attention_mask: torch.Tensor) -> tuple[int, int]:
     return (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, attention_mask.shape[1])
 
 
+def decoder_of(peft_model: PeftModel) -> nn.Module:
+    """The decoder stack below the lm_head of a PEFT causal LM (LoRA layers injected in place)."""
+    causal_lm = peft_model.get_base_model()
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer's activations in backward (non-reentrant, so frozen inputs are fine)."""
     kwargs = {"use_reentrant": False}
@@ -83,8 +89,7 @@ class HiddenStatesModel(nn.Module):
     @property
     def backbone(self) -> nn.Module:
         """The decoder stack below the lm_head."""
-        causal_lm = self.causal_lm
-        return getattr(causal_lm, causal_lm.base_model_prefix)
+        return decoder_of(self.peft_model)
 
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The lm_head's weight (V, H) and bias (V,) or None."""

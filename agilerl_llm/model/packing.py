@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from agilerl_llm.model.probe import eval_mode, probe_device, relative_difference
+
 # Attention backends transformers' mask utilities know how to keep packed sequences apart in.
 PACKING_ATTENTION_BACKENDS = frozenset({"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"})
 
@@ -121,13 +123,10 @@ def packing_unsupported_reason(backbone: nn.Module) -> str | None:
         from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
     except ImportError:
         return "this transformers version does not detect packed sequences (it needs >= 4.56)"
-    embedding = backbone.get_input_embeddings()
-    if hasattr(embedding.weight, "ds_id"):
-        # ZeRO-3 partitioned the weights as they loaded, before the agent exists: the decoder cannot run
-        # here, so only the checks above apply.
+    device = probe_device(backbone)
+    if device is None:
         return None
-    device = embedding.weight.device
-    vocab = int(embedding.num_embeddings)
+    vocab = int(backbone.get_input_embeddings().num_embeddings)
     # three sequences; the two short ones share a bin, the second one starting right after the first
     sequences = [torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6]]), torch.tensor([[7, 8]])]
     sequences = [(ids % vocab).to(device) for ids in sequences]
@@ -135,21 +134,14 @@ def packing_unsupported_reason(backbone: nn.Module) -> str | None:
     mask = torch.zeros_like(padded_ids)
     for row, ids in enumerate(sequences):
         padded_ids[row, : ids.shape[1]], mask[row, : ids.shape[1]] = ids[0], 1
-    was_training = backbone.training
-    backbone.eval()  # no dropout, so the runs are comparable
-    try:
+    with eval_mode(backbone):
         alone = [
             backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state[0]
             for ids in sequences
         ]
         packed = packed_forward(backbone, padded_ids, mask)
-    finally:
-        backbone.train(was_training)
-    expected = torch.cat(alone).float()
-    got = packed[mask.bool()].float()
-    tolerance = 1e-3 if embedding.weight.dtype == torch.float32 else 5e-2
-    error = float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
-    if error > tolerance:
+    error = relative_difference(packed[mask.bool()], torch.cat(alone), backbone)
+    if error is not None:
         return (
             f"{type(backbone).__name__} does not keep packed sequences apart (relative difference {error:.2g} from "
             "running them separately): it builds its own attention mask or positions"

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers.generation import utils as generation_utils
 
+from agilerl_llm.model.probe import eval_mode, probe_device, relative_difference
+
 # transformers renamed ``past_key_values`` to ``cache``; pass whichever this version takes.
 CACHE_ARGUMENT = (
     "cache"
@@ -84,28 +86,22 @@ def _first_row_of_each(row_group: torch.Tensor, groups: int) -> torch.Tensor:
 def prefix_sharing_unsupported_reason(backbone: nn.Module) -> str | None:
     """None when ``backbone`` gives a shared-prefix batch the hidden states of the plain forward; otherwise why
     not. Runs two 5-token rows sharing a 3-token prefix, both ways (negligible next to training)."""
-    embedding = backbone.get_input_embeddings()
-    if hasattr(embedding.weight, "ds_id"):  # ZeRO-3 partitioned the weights before the agent exists
+    device = probe_device(backbone)
+    if device is None:
         return None
-    device = embedding.weight.device
-    vocab = int(embedding.num_embeddings)
+    vocab = int(backbone.get_input_embeddings().num_embeddings)
     ids = (torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 6, 7]], device=device)) % vocab
     mask = torch.ones_like(ids)
     positions = torch.arange(5, device=device).expand(2, 5)
-    was_training = backbone.training
-    backbone.eval()
     try:
-        plain = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        shared = shared_prefix_forward(backbone, ids, mask, positions, 3)
+        with eval_mode(backbone):
+            plain = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            shared = shared_prefix_forward(backbone, ids, mask, positions, 3)
     except (TypeError, ValueError, RuntimeError, AttributeError) as error:
         return f"its forward does not take a prefix cache ({type(error).__name__}: {error})"
-    finally:
-        backbone.train(was_training)
     if shared is None:
         return "its forward returns no cache that can be gathered by row"
-    expected = plain.last_hidden_state.float()
-    error = float((shared.float() - expected).abs().max() / expected.abs().max().clamp(min=1e-6))
-    tolerance = 1e-3 if embedding.weight.dtype == torch.float32 else 5e-2
-    if error > tolerance:
+    error = relative_difference(shared, plain.last_hidden_state, backbone)
+    if error is not None:
         return f"the shared-prefix hidden states differ from the plain forward's (relative {error:.2g})"
     return None
