@@ -3,8 +3,9 @@
 Usage: resume_worker.py MODE MODEL_DIR CKPT_DIR OUT_DIR TOTAL_STEPS INTERVAL [ALGORITHM [SAVE]]
   ALGORITHM  grpo (default) or ppo;  SAVE  sync (default) or async (CheckpointConfig.save_async).
   full    train TOTAL_STEPS steps in one go (checkpointing every INTERVAL steps) and write the results.
-  crash   same, but at the log of step INTERVAL+1 (the step-INTERVAL checkpoint is complete by then) write
-          OUT_DIR/ready and sleep, waiting for the parent's SIGKILL.
+  crash   same, but at the log of step INTERVAL+1, once the step-INTERVAL checkpoint is complete (with SAVE=async
+          its write may still be running then, so this waits for the "latest" pointer), write OUT_DIR/ready and
+          sleep, waiting for the parent's SIGKILL.
   resume  build everything afresh, resume from the newest checkpoint under CKPT_DIR, finish the run.
 Results: OUT_DIR/history.json (per-step metrics) and OUT_DIR/adapters.safetensors (every LoRA parameter, and the
 tensors of every extra checkpoint module such as PPO's value head, as ``module.<name>.<key>``).
@@ -33,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from agilerl_llm import GRPO, LLMPPO, make_accelerator  # noqa: E402
 from agilerl_llm.checkpoint import CheckpointConfig  # noqa: E402
+from agilerl_llm.checkpoint.run import POINTER_FILE  # noqa: E402
 from agilerl_llm.distributed import launched_world_size  # noqa: E402
 from agilerl_llm.envs.reasoning import ReasoningGym  # noqa: E402
 from agilerl_llm.training.logging import MetricsLogger  # noqa: E402
@@ -55,15 +57,25 @@ def reward(completion: str, answer: str, prompt: str) -> float:
 
 
 class StallingLogger(MetricsLogger):
-    """Blocks at ``stall_step``'s log, after announcing it, so the parent can kill the process mid-run."""
+    """Blocks at ``stall_step``'s log, after announcing it, so the parent can kill the process mid-run.
 
-    def __init__(self, stall_step: int | None, ready: Path) -> None:
+    It announces only once the previous step's checkpoint is complete (the "latest" pointer names it): an async save
+    of that step may still be writing when the next step logs.
+    """
+
+    def __init__(self, stall_step: int | None, ready: Path, pointer: Path) -> None:
         super().__init__(print_every=0)
-        self.stall_step, self.ready = stall_step, ready
+        self.stall_step, self.ready, self.pointer = stall_step, ready, pointer
+
+    def _previous_step_saved(self) -> bool:
+        return self.pointer.exists() and self.pointer.read_text().strip() == str(self.stall_step - 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         super().log(step, metrics)
         if step == self.stall_step:
+            deadline = time.monotonic() + 120
+            while not self._previous_step_saved() and time.monotonic() < deadline:
+                time.sleep(0.05)
             self.ready.write_text(str(step))
             time.sleep(600)
 
@@ -100,7 +112,7 @@ def main() -> None:
         agent = GRPO(tokenizer.pad_token_id, tokenizer.pad_token, group_size=3, batch_size=6, **common)
     env = ReasoningGym(DATA[:15], DATA[15:17], tokenizer, reward, data_batch_size_per_gpu=2, seed=3)
     config = CheckpointConfig(path=ckpt_dir, interval=interval, resume="latest", save_async=save_async)
-    logger = StallingLogger(interval + 1 if mode == "crash" else None, out / "ready")
+    logger = StallingLogger(interval + 1 if mode == "crash" else None, out / "ready", Path(ckpt_dir) / POINTER_FILE)
     _, history = finetune_llm_reasoning(
         [agent],
         env,
