@@ -71,3 +71,12 @@ def test_multiturn_example_plays_trains_and_reports(tmp_path):
     before, after = (float(value) for value in line.split()[-2:])
     assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
     assert (tmp_path / "base" / "config.json").is_file()
+
+
+def test_multiturn_recall_example_plays_trains_and_reports(tmp_path):
+    out = run_example("multiturn_recall.py", "--steps", "3", "--output-dir", str(tmp_path))
+    success = [
+        float(value) for value in next(line for line in out.splitlines() if line.startswith("success")).split()[2:]
+    ]
+    assert len(success) == 4 and all(0.0 <= value <= 1.0 for value in success)  # steps 0, 1, 2, 3
+    assert (tmp_path / "base" / "config.json").is_file()

@@ -4,6 +4,7 @@ misbehaving environments, and learning from them. A real tiny model generates ev
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from agilerl_llm import GRPO, LLMPPO, LLMReinforce
 from agilerl_llm.envs.multiturn import ChatTurns, MultiTurnEnv, MultiTurnEnvError, collect_episodes
 from agilerl_llm.envs.tasks.guess_number import GuessTheNumber
+from agilerl_llm.envs.tasks.recall import RecallTheSequence, recall_policy
 from agilerl_llm.testing import build_tiny_tokenizer
 
 EOS = "<|eos|>"
@@ -73,7 +75,7 @@ def runs(mask_row: torch.Tensor) -> list[tuple[bool, int, int]]:
 
 
 def test_a_user_env_satisfies_the_protocol():
-    assert isinstance(ScriptedEnv(), MultiTurnEnv) and isinstance(GuessTheNumber(), MultiTurnEnv)
+    assert all(isinstance(env, MultiTurnEnv) for env in (ScriptedEnv(), GuessTheNumber(), RecallTheSequence()))
 
 
 def test_environment_tokens_are_never_in_the_action_mask(tiny_model_dir, tokenizer):
@@ -328,3 +330,47 @@ def test_agent_test_plays_a_multi_turn_env_greedily(tiny_model_dir, tokenizer):
     assert torch.equal(agent.test(env, tokenizer=tokenizer, seeds=[0, 1, 2]), first)  # greedy: repeatable
     with pytest.raises(ValueError, match="tokenizer="):
         agent.test(env)
+
+
+def test_recall_the_sequence_deals_one_digit_a_turn_and_ends_on_a_wrong_answer():
+    env = RecallTheSequence(max_turns=3, num_symbols=10)
+    observation, info = env.reset(seed=5)
+    sequence = info["sequence"]
+    assert env.reset(seed=5)[1]["sequence"] == sequence and len(sequence) == 3  # the seed fixes the digits
+    assert observation == f"Remember {sequence[0]}."
+    reply, reward, terminated, truncated, _ = env.step(f"It is {sequence[0]}")
+    assert (reply, reward, terminated, truncated) == (f"Next {sequence[1]}.", pytest.approx(1 / 3), False, False)
+    reply, reward, terminated, _, _ = env.step(" ".join(sequence[:2]))  # only the digits of an answer count
+    assert (reply, terminated) == (f"Next {sequence[2]}.", False)
+    _, reward, terminated, _, info = env.step(sequence)
+    assert terminated and info["success"] and reward == pytest.approx(1 / 3)
+    env.reset(seed=5)
+    wrong = str((int(sequence[0]) + 1) % 10)
+    reply, reward, terminated, _, info = env.step(wrong)
+    assert (reply, reward, terminated, info["success"]) == (f"Wrong, it was {sequence[0]}.", 0.0, True, False)
+    env.reset(seed=5)
+    env.step(sequence[0])
+    assert env.step(sequence[1])[2]  # the answer must repeat every digit so far, not only the newest
+    assert {RecallTheSequence(num_symbols=2).reset(seed=s)[1]["sequence"][0] for s in range(20)} == {"0", "1"}
+    with pytest.raises(ValueError, match="num_symbols"):
+        RecallTheSequence(num_symbols=11)
+    with pytest.raises(ValueError, match="max_turns"):
+        RecallTheSequence(max_turns=0)
+
+
+def test_recall_demonstrations_answer_right_or_only_in_format():
+    right, formatted = recall_policy("recall"), recall_policy("random", num_symbols=4)
+    rng = random.Random(0)
+    for seed in range(5):
+        env = RecallTheSequence(max_turns=3, num_symbols=4)
+        observation, info = env.reset(seed=seed)
+        messages = [{"role": "user", "content": observation}]
+        for turn in range(3):
+            guess = formatted(messages, rng)
+            assert len(guess) == turn + 1 and set(guess) <= set("0123")
+            answer = right(messages, rng)
+            reply, _, terminated, _, step_info = env.step(answer)
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": reply}]
+        assert terminated and step_info["success"] and answer == info["sequence"]
+    with pytest.raises(ValueError, match="strategy"):
+        recall_policy("cheat")

@@ -15,9 +15,10 @@ from agilerl_llm.cli import main as cli_main
 from agilerl_llm.envs.multiturn import ChatTurns
 from agilerl_llm.envs.tasks import MULTITURN_ENVS
 from agilerl_llm.envs.tasks.guess_number import GuessTheNumber, demonstration_policy, remaining_range
+from agilerl_llm.envs.tasks.recall import RecallTheSequence
 from agilerl_llm.testing import build_tiny_tokenizer
 from agilerl_llm.training.config import ConfigError, RunConfig
-from agilerl_llm.training.multiturn_job import env_factory, run_multiturn_job
+from agilerl_llm.training.multiturn_job import demonstrations_for, env_factory, run_multiturn_job
 from agilerl_llm.training.warmstart import episode_demonstrations
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "multiturn.yaml"
@@ -190,3 +191,25 @@ def test_episode_demonstrations_render_each_turn_as_the_collection_does():
         + turns.environment_ids(history, [{"role": "user", "content": reply}], tokenizer.eos_token)
     )
     assert built == turns.encode(later[0])
+
+
+def test_the_recall_game_runs_from_a_config_with_its_scripted_warm_start(tmp_path):
+    """multiturn.env: recall builds RecallTheSequence from env_kwargs; the warm start plays recall_policy's right
+    answers, and the job reports held-out success before and after."""
+    overrides = [o for o in SMOKE if not o.startswith("multiturn.env_kwargs")]
+    config = RunConfig.from_yaml(
+        CONFIG,
+        overrides
+        + [
+            "multiturn.env=recall",
+            "multiturn.env_kwargs={max_turns: 2, num_symbols: 4}",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
+    env = env_factory(config.multiturn)()
+    assert isinstance(env, RecallTheSequence) and (env.max_turns, env.num_symbols) == (2, 4)
+    pairs = demonstrations_for(config, env_factory(config.multiturn))(build_tiny_tokenizer())
+    assert len(pairs) >= 2 and all(answer.rstrip(build_tiny_tokenizer().eos_token).isdigit() for _, answer in pairs)
+    result = run_multiturn_job(config)
+    assert 0.0 <= result.exact_before <= 1.0 and 0.0 <= result.exact_after <= 1.0
+    assert result.exact_label == "held-out success"

@@ -26,6 +26,7 @@ from agilerl_llm.envs.tasks.letters import (
     make_reverse_dataset,
     make_sort_dataset,
 )
+from agilerl_llm.envs.tasks.recall import RecallTheSequence, recall_policy
 
 
 class Task(NamedTuple):
@@ -52,6 +53,7 @@ class MultiTurnTask(NamedTuple):
 
 MULTITURN_ENVS: dict[str, MultiTurnTask] = {
     "guess_number": MultiTurnTask(GuessTheNumber, demonstration_policy),
+    "recall": MultiTurnTask(RecallTheSequence, recall_policy),
 }
 
 
