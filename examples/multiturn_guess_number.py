@@ -45,7 +45,7 @@ from transformers import AutoTokenizer
 from agilerl_llm import GRPO, finetune_llm_multiturn
 from agilerl_llm.envs.tasks.guess_number import GuessTheNumber, demonstration_policy
 from agilerl_llm.testing import build_tiny_model, build_tiny_tokenizer
-from agilerl_llm.training.warmstart import episode_demonstrations, pretrain_on_demonstrations
+from agilerl_llm.training.warmstart import episode_demonstrations, pretrain_on_demonstrations, save_base_model
 
 LOW, HIGH, MAX_TURNS = 1, 8, 3
 
@@ -95,9 +95,7 @@ def main() -> None:
         tokenizer, env_factory, policy, [-1 - i for i in range(400)], seed=args.seed
     )
     pretrain_on_demonstrations(model, tokenizer, demonstrations, steps=args.warm_start_steps, batch_size=32, lr=3e-3)
-    base = Path(args.output_dir) / "base"
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base = save_base_model(model, tokenizer, Path(args.output_dir) / "base")
     tokenizer = AutoTokenizer.from_pretrained(base)
     agent = GRPO(tokenizer.pad_token_id, tokenizer.pad_token, model_name=str(base), group_size=8, batch_size=64,
                  lr=args.lr, beta=0.0, temperature=args.temperature, top_k=0, top_p=1.0, max_output_tokens=4,

@@ -41,7 +41,7 @@ from agilerl_llm.training.config import ConfigError, EvolutionSettings, RunConfi
 from agilerl_llm.training.logging import MetricsLogger
 from agilerl_llm.training.loop import fittest_first
 from agilerl_llm.training.reasoning import finetune_llm_reasoning, mean_eval_reward
-from agilerl_llm.training.warmstart import pretrain_on_demonstrations
+from agilerl_llm.training.warmstart import pretrain_on_demonstrations, save_base_model
 
 ALGORITHMS = {"GRPO": GRPO, "GSPO": GSPO, "CISPO": CISPO}
 
@@ -102,11 +102,7 @@ def prepare_base_model(
             lr=config.warm_start.lr,
             seed=config.warm_start.seed,
         )
-    base_dir = Path(config.output_dir) / "base"
-    base_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    return base_dir
+    return save_base_model(model, tokenizer, Path(config.output_dir) / "base")
 
 
 def write_resolved_config(config: RunConfig) -> Path:

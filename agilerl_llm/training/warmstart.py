@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,3 +179,13 @@ def episode_demonstrations(
         finally:
             env.close()
     return pairs
+
+
+def save_base_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+    """Write a (warm-started) model and its tokenizer with ``save_pretrained`` into ``directory``, the folder an RL
+    agent then loads with ``from_pretrained`` (``model_name=``); returns the folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
