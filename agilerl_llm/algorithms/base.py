@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import random
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from peft import LoraConfig, PeftModel
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from agilerl_llm.algorithms.arguments import check_base_arguments, refuse_extra_arguments
 from agilerl_llm.algorithms.evolvable import EvolvableMixin, check_compile_mode
@@ -46,6 +44,7 @@ from agilerl_llm.model.forward import (
     enable_activation_checkpointing,
 )
 from agilerl_llm.model.liger_triton import apply_liger_model_patches, liger_token_logprobs
+from agilerl_llm.model.loading import load_network
 from agilerl_llm.model.logprobs import fused_logprobs
 from agilerl_llm.model.packing import packing_unsupported_reason
 from agilerl_llm.model.prefix_sharing import prefix_sharing_unsupported_reason, window_prefix
@@ -64,6 +63,7 @@ from agilerl_llm.optim import (
 )
 from agilerl_llm.rollout.base import SamplingSettings
 from agilerl_llm.rollout.vllm import warn_once
+from agilerl_llm.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +196,8 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
             self.hp_config.check_agent(self)  # subclasses set their hyperparameters before calling us
         if clone:
             return  # clone() fills in the collaborators itself
-        _seed_everything(seed)
-        network = _load_network(actor_network, model_name, model_config, self.quantization_config)
+        seed_everything(seed)
+        network = load_network(actor_network, model_name, model_config, self.quantization_config)
         if is_quantized(network):
             check_output_head_unquantized(network)
             network = prepare_quantized_base(network)
@@ -598,30 +598,3 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         load_agent_checkpoint(
             self, path, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter, check_base_model
         )
-
-
-def _load_network(
-    actor_network: PreTrainedModel | PeftModel | None,
-    model_name: str | None,
-    model_config: dict[str, Any] | None,
-    quantization_config: Any | None,
-) -> PreTrainedModel | PeftModel:
-    if actor_network is not None and model_name is not None:
-        raise ValueError("Pass either actor_network or model_name, not both.")
-    if actor_network is not None:
-        if quantization_config is not None and not is_quantized(actor_network):
-            raise ValueError(
-                "quantization_config applies when the base is loaded: pass model_name instead of actor_network, or "
-                "load actor_network with from_pretrained(..., quantization_config=...) yourself."
-            )
-        return actor_network
-    if model_name is None:
-        raise ValueError("Pass actor_network (a HuggingFace causal LM) or model_name (a path for from_pretrained).")
-    extra = {} if quantization_config is None else {"quantization_config": quantization_config}
-    return AutoModelForCausalLM.from_pretrained(model_name, **(model_config or {}), **extra)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -15,14 +15,12 @@ its share of each batch (docs/distributed.md).
 from __future__ import annotations
 
 import inspect
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from pydantic import ValidationError
@@ -42,6 +40,7 @@ from agilerl_llm.training.logging import MetricsLogger
 from agilerl_llm.training.loop import fittest_first
 from agilerl_llm.training.reasoning import finetune_llm_reasoning, mean_eval_reward
 from agilerl_llm.training.warmstart import pretrain_on_demonstrations, save_base_model
+from agilerl_llm.utils.seeding import seed_everything
 
 ALGORITHMS = {"GRPO": GRPO, "GSPO": GSPO, "CISPO": CISPO}
 
@@ -63,13 +62,6 @@ class JobResult:
     is_main: bool = True
     # What exact_before / exact_after measure (a multi-turn run reports its success rate there).
     exact_label: str = "held-out exact answers"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and, where present, CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def prepare_base_model(
