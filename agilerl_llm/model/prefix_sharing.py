@@ -30,6 +30,15 @@ CACHE_ARGUMENT = (
 )
 
 
+def output_cache(output) -> object | None:
+    """The KV cache a forward returned: ``cache`` in newer transformers, ``past_key_values`` before the rename (read
+    by name, so the renamed version's deprecation alias and its message are not triggered)."""
+    for name in ("cache", "past_key_values"):
+        if name in output:
+            return output[name]
+    return None
+
+
 def shared_prefix_length(action_mask: torch.Tensor) -> int | None:
     """Columns before every row's first action token: (N, T) log-prob-aligned action mask (column j scores token
     j + 1) -> P, so tokens [0, P) are prompt in every row; None when no row has an action."""
@@ -60,7 +69,7 @@ def shared_prefix_forward(
     head = backbone(
         input_ids=distinct[:, :prefix], attention_mask=prefix_mask, position_ids=prefix_positions, use_cache=True
     )
-    cache = getattr(head, "past_key_values", None)
+    cache = output_cache(head)
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
     cache.batch_select_indices(row_prefix)  # one entry per row again: an index, differentiable

@@ -29,7 +29,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
-from agilerl_llm.model.prefix_sharing import CACHE_ARGUMENT
+from agilerl_llm.model.prefix_sharing import CACHE_ARGUMENT, output_cache
 from agilerl_llm.rollout.base import ActionResult, SamplingSettings, masks_from_lengths
 from agilerl_llm.rollout.sampling import DecodingSettings, decode, lean_decoding_unsupported_reason
 
@@ -134,7 +134,7 @@ def shared_prompt_cache(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask:
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     backbone = backbone if isinstance(backbone, nn.Module) else model
     output = backbone(input_ids=prompt_ids[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True)
-    cache = getattr(output, "past_key_values", None)
+    cache = output_cache(output)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(repeats)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from agilerl_llm.model.prefix_sharing import CACHE_ARGUMENT
+from agilerl_llm.model.prefix_sharing import CACHE_ARGUMENT, output_cache
 
 # Generation-config fields that make ``generate`` change the logits beyond our sampling settings; a model whose
 # generation config sets any of them away from the default decodes through ``generate``.
@@ -108,12 +108,6 @@ def lean_decoding_unsupported_reason(model: nn.Module) -> str | None:
     if changed:
         return f"its generation_config sets {changed}, which only generate() applies"
     return None
-
-
-def _cache_of(output) -> object:
-    """The KV cache a forward returned (``cache`` in newer transformers, ``past_key_values`` before the rename)."""
-    cache = output.get("cache") if "cache" in output else None
-    return cache if cache is not None else output.past_key_values
 
 
 def penalise_repetition(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -216,7 +210,7 @@ def decode(
             logits_to_keep=1,
             **cache_kwargs,
         )
-        cache_kwargs = {CACHE_ARGUMENT: _cache_of(output)}
+        cache_kwargs = {CACHE_ARGUMENT: output_cache(output)}
         scores = output.logits[:, -1, :].float()
         if seen is not None:
             scores = penalise_repetition(scores, seen, settings.repetition_penalty)
