@@ -1,6 +1,6 @@
 """Multi-turn GRPO on the CPU: a tiny model learns a memory game from the environment's turns, in minutes.
 
-    python examples/multiturn_recall.py                 # the full run (about 2-3 minutes on 2 cores)
+    python examples/multiturn_recall.py                 # the full run (about 4 minutes on 2 cores)
     python examples/multiturn_recall.py --steps 5       # a smoke run
 
 The game (``RecallTheSequence``): the environment deals one digit per turn ("Remember 2.", "Next 0.", ...) and the
@@ -12,8 +12,9 @@ whole episodes (``finetune_llm_multiturn``): the environment's messages are toke
 trained to produce, and each turn answered right earns 1/3. The held-out success rate (greedy play on 128 seeds
 never trained on) is printed before and after.
 
-Measured on 2 cores (``--seed 0``, the defaults): see docs/multiturn.md for the table, including a seed whose warm
-start leaves too little skill for RL to build on.
+Measured on 2 cores with the defaults (``--seed 0``, 218 s): held-out success 0.227 -> 0.523 (2.3x), mean return
+0.523 -> 0.841. The gain depends on the seed: other seeds' warm starts leave almost no skill or nearly all of it
+(docs/multiturn.md has the table).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from agilerl_llm.training.warmstart import episode_demonstrations, pretrain_on_d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150, help="GRPO steps (8 seeds x 8 episodes each)")
+    parser.add_argument("--steps", type=int, default=250, help="GRPO steps (8 seeds x 8 episodes each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--turns", type=int, default=3, help="digits dealt, one per turn")
     parser.add_argument("--symbols", type=int, default=4, help="digits 0 .. symbols-1")
@@ -62,7 +63,7 @@ def main() -> None:
     eval_seeds = [10_000 + i for i in range(128)]
     _, history = finetune_llm_multiturn(
         [agent], env_factory, tokenizer, max_steps=args.steps, episodes_per_step=8, seed=args.seed,
-        eval_seeds=eval_seeds, evaluation_interval=max(args.steps // 3, 1), progress=False,
+        eval_seeds=eval_seeds, evaluation_interval=max(args.steps // 5, 1), progress=False,
     )  # fmt: skip
     evaluated = [row for row in history if "eval/success" in row]
     steps = ["step " + str(int(row["step"])) for row in evaluated]
