@@ -14,8 +14,8 @@ Two things keep a rollout from paying for work it does not need:
 * a PEFT LoRA model is generated through its underlying transformers model (the LoRA layers sit inside
   it, so the active adapter still applies); PEFT's ``generate`` wrapper adds per-step work that plain
   LoRA does not use;
-* tokens are drawn by a lean loop (``rollout/sampling.py``: one forward per token, one sort for top-k / top-p /
-  min-p, an exponential race instead of ``multinomial``) rather than ``generate``, whose per-step bookkeeping
+* tokens are drawn by a lean loop (``rollout/sampling.py``: one forward per token, one ``topk`` for top-k /
+  top-p / min-p, an exponential race instead of ``multinomial``) rather than ``generate``, whose per-step bookkeeping
   was about a quarter of sampling time at the benchmark's size. ``generate`` still serves what the loop does
   not implement: ZeRO-3's synchronised generation, PEFT methods that need their wrapper, and generation configs
   with extra processing (bad words, forced tokens, n-gram blocking).
@@ -174,18 +174,21 @@ def generate_completions(
     generator = generation_model(model)
     kwargs = model_generation_kwargs(generator, sampling, prompt_length, do_sample)
     # ZeRO-3 needs generate's synchronised loop (no rank may stop early); exotic generation configs need generate
-    lean = not synced_gpus and lean_decoding_unsupported_reason(generator) is None
+    use_lean_loop = not synced_gpus and lean_decoding_unsupported_reason(generator) is None
+    decoding = DecodingSettings.from_generate_kwargs(kwargs) if use_lean_loop else None
     pieces = []
     for start in range(0, batch, chunk_size):
         chunk_ids, chunk_mask = prompt_ids[start : start + chunk_size], prompt_mask[start : start + chunk_size]
         cache = shared_prompt_cache(generator, chunk_ids, chunk_mask, num_completions)
-        if lean:
+        row_ids = chunk_ids.repeat_interleave(num_completions, dim=0)
+        row_mask = chunk_mask.repeat_interleave(num_completions, dim=0).long()
+        if decoding is not None:
             pieces.append(
                 decode(
                     generator,
-                    chunk_ids.repeat_interleave(num_completions, dim=0),
-                    chunk_mask.repeat_interleave(num_completions, dim=0),
-                    DecodingSettings.from_generate_kwargs(kwargs),
+                    row_ids,
+                    row_mask,
+                    decoding,
                     eos_token_ids=eos_token_ids,
                     pad_token_id=pad_token_id,
                     prompt_cache=cache,
@@ -193,8 +196,8 @@ def generate_completions(
             )
             continue
         output = generator.generate(
-            input_ids=chunk_ids.repeat_interleave(num_completions, dim=0),
-            attention_mask=chunk_mask.repeat_interleave(num_completions, dim=0).long(),
+            input_ids=row_ids,
+            attention_mask=row_mask,
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_ids,
             synced_gpus=synced_gpus,

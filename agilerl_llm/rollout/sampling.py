@@ -2,10 +2,11 @@
 
 At the sizes RL fine-tuning samples at on a CPU (and for small models anywhere), ``generate``'s per-token
 bookkeeping is a measurable share of a rollout: its logits-processor list inspects each processor's signature at
-every step, top-k and top-p each select or sort over the whole vocabulary, ``torch.multinomial`` is slow on wide rows,
-and each step rebuilds its model inputs. This loop does one forward per token with the cache, then one ``topk`` (or,
-without top-k, one sort) that serves top-k, top-p and min-p together, and samples by an exponential race over the candidates (``argmax p / E`` with ``E ~ Exp(1)``
-picks token k with probability ``p_k``: the same distribution as ``multinomial``, without its cost).
+every step, top-k and top-p each select or sort over the whole vocabulary, ``torch.multinomial`` is slow on wide
+rows, and each step rebuilds its model inputs. This loop does one forward per token with the cache, then one
+``topk`` (or, without top-k, one sort) that serves top-k, top-p and min-p together, and samples by an exponential
+race over the candidates (``argmax p / E`` with ``E ~ Exp(1)`` picks token k with probability ``p_k``: the same
+distribution as ``multinomial``, without its cost).
 
 What it means by each setting is what ``generate`` means (``tests/test_lean_sampling.py`` checks the processed
 distribution against transformers' own logits processors, and greedy output token for token against
@@ -19,6 +20,7 @@ wrapper that must run, ZeRO-3's synchronised generation) goes to ``generate``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -84,10 +86,16 @@ class DecodingSettings:
             do_sample=sample,
             temperature=float(kwargs.get("temperature") or 1.0) if sample else 1.0,
             top_k=int(kwargs.get("top_k") or 0) if sample else 0,
-            top_p=float(kwargs.get("top_p") if kwargs.get("top_p") is not None else 1.0) if sample else 1.0,
+            top_p=float(kwargs["top_p"]) if sample else 1.0,  # SamplingSettings validates 0 < top_p <= 1
             min_p=float(kwargs.get("min_p") or 0.0) if sample else 0.0,
             repetition_penalty=float(kwargs.get("repetition_penalty") or 1.0),
         )
+
+
+@functools.cache
+def _default_generation_config() -> GenerationConfig:
+    """transformers' defaults, built once: the check below runs at every rollout."""
+    return GenerationConfig()
 
 
 def lean_decoding_unsupported_reason(model: nn.Module) -> str | None:
@@ -99,7 +107,7 @@ def lean_decoding_unsupported_reason(model: nn.Module) -> str | None:
     config = getattr(model, "generation_config", None)
     if config is None:
         return None
-    defaults = GenerationConfig()
+    defaults = _default_generation_config()
     changed = [
         name
         for name in _EXTRA_PROCESSING_FIELDS

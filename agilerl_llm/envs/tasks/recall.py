@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 DIGIT = re.compile(r"\d")
+DEALT = re.compile(r"(?:Remember|Next) (\d)\.")  # the environment's message that deals a digit
 
 
 class RecallTheSequence:
@@ -63,7 +64,7 @@ def dealt_digits(messages: list[dict[str, str]]) -> str:
     for message in messages:
         if message["role"] != "user":
             continue
-        found = re.fullmatch(r"(?:Remember|Next) (\d)\.", message["content"])
+        found = DEALT.fullmatch(message["content"])
         if found:
             dealt.append(found.group(1))
     return "".join(dealt)
