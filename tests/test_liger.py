@@ -14,7 +14,7 @@ from agilerl_llm import GRPO, LLMPPO
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.algorithms.updates import liger_micro_batch_loss, policy_gradient_step, token_normaliser
 from agilerl_llm.losses import grpo_policy_loss
-from agilerl_llm.rollout import vllm as vllm_module
+from agilerl_llm.utils import notices
 
 PROMPTS = {
     "input_ids": torch.tensor([[5, 6, 7, 8], [0, 9, 10, 11]]),
@@ -120,7 +120,7 @@ def test_settings_liger_cannot_reproduce_use_the_standard_path_and_say_so_once(
     tiny_model_dir, tokenizer, settings, per_turn, reason, monkeypatch
 ):
     pytest.importorskip("liger_kernel")
-    monkeypatch.setattr(vllm_module, "_warned", set())
+    monkeypatch.setattr(notices, "_warned", set())
     agent = make_agent(tiny_model_dir, tokenizer, use_liger_loss=True, **settings)
     batch = experience(agent, per_turn=per_turn)
     with warnings.catch_warnings(record=True) as caught:

@@ -13,7 +13,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 from agilerl_llm import GRPO, LLMPPO
 from agilerl_llm.algorithms.experience import Experience
 from agilerl_llm.model.packing import pack_tokens, packing_unsupported_reason, plan_packing
-from agilerl_llm.rollout import vllm as vllm_module
+from agilerl_llm.utils import notices
 
 
 def ragged_mask() -> torch.Tensor:
@@ -157,7 +157,7 @@ def test_a_model_that_does_not_keep_packed_sequences_apart_is_detected_and_stays
     reason = packing_unsupported_reason(network.model)
     assert reason is not None and "does not keep packed sequences apart" in reason
     assert packing_unsupported_reason(AutoModelForCausalLM.from_pretrained(tiny_model_dir).model) is None
-    vllm_module._warned.discard("use_sequence_packing")
+    notices._warned.discard("use_sequence_packing")
     with pytest.warns(UserWarning, match="use_sequence_packing=True has no effect: _PositionBlindQwen2"):
         agent = GRPO(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=network, gradient_checkpointing=False,
                      use_sequence_packing=True)  # fmt: skip

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -62,7 +61,7 @@ from agilerl_llm.optim import (
     build_optimizer,
 )
 from agilerl_llm.rollout.base import SamplingSettings
-from agilerl_llm.rollout.vllm import warn_once
+from agilerl_llm.utils.notices import warn_once
 from agilerl_llm.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -266,12 +265,11 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         self.reference_update_tracker = reference_update_tracker
         if self.use_separate_reference_adapter:
             self.adapters.copy(ACTOR, REFERENCE)
-        elif not getattr(self, "_warned_fixed_reference", False):
-            self._warned_fixed_reference = True
-            warnings.warn(
+        else:
+            warn_once(
+                "fixed_reference",
                 "set_reference_policy has no effect without a separate reference adapter: the reference is the frozen "
                 "base model. Pass use_separate_reference_adapter=True to move the KL anchor.",
-                UserWarning,
                 stacklevel=2,
             )
 

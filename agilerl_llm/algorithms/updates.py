@@ -30,7 +30,7 @@ from agilerl_llm.model.adapters import ACTOR
 from agilerl_llm.model.forward import attended_columns
 from agilerl_llm.model.liger import liger_grpo_loss, liger_token_ppo_loss, liger_unsupported_reason, row_advantages
 from agilerl_llm.model.prefix_sharing import shared_prefix_length, window_prefix
-from agilerl_llm.rollout.vllm import warn_once
+from agilerl_llm.utils.notices import warn_once
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm

@@ -64,6 +64,7 @@ from agilerl_llm.checkpoint.run_config import (  # re-exported: the manager's pu
 from agilerl_llm.checkpoint.snapshot import write_snapshot
 from agilerl_llm.checkpoint.state import AgentState, Distribution, read_state
 from agilerl_llm.checkpoint.storage import LOCK_FILE, Store, basename, new_run_id
+from agilerl_llm.utils.notices import warn_once
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -379,10 +380,9 @@ class CheckpointManager:
     def _can_snapshot(self, pop: list[LLMAlgorithm]) -> bool:
         if all(agent.engine is None for agent in pop):
             return True
-        warnings.warn(
+        warn_once(
+            "save_async_deepspeed",
             "save_async: a DeepSpeed engine writes its checkpoint collectively; saving synchronously instead.",
-            UserWarning,
-            stacklevel=3,
         )
         return False
 

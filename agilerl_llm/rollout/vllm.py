@@ -25,7 +25,6 @@ import itertools
 import os
 import shutil
 import tempfile
-import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agilerl_llm.model.adapters import ACTOR
 from agilerl_llm.rollout.base import ActionResult, SamplingSettings, masks_from_lengths
 from agilerl_llm.rollout.hf import context_limit, eos_token_ids, model_generation_kwargs
+from agilerl_llm.utils.notices import warn_once
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -102,16 +102,6 @@ class _Slot:
     lora_id: int
     version: int
     folder: Path
-
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    """One warning per process for a setting that has no effect here (so it is never silently ignored)."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def import_vllm() -> Any:
