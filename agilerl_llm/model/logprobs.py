@@ -267,6 +267,31 @@ def _scaled_logits_into(
     return tile
 
 
+def _logits_minus_into(
+    tile: torch.Tensor,
+    low_precision: torch.Tensor | None,
+    hidden_chunk: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    shift: torch.Tensor,
+) -> torch.Tensor:
+    """Write z - shift[:, None] = (hidden_chunk @ weight.T + bias) / temperature - shift[:, None] into ``tile``.
+
+    The backward knows each row's log-normaliser before it recomputes the logits, so the subtraction is folded into
+    the matmul: the tile is first filled with bias / tau - shift (a write-only pass), and the matmul accumulates
+    onto it (beta = 1), instead of a matmul followed by a read-modify-write pass.
+    """
+    if low_precision is not None:
+        return _scaled_logits_into(tile, low_precision, hidden_chunk, weight, bias, temperature).sub_(shift[:, None])
+    inverse_temperature = 1.0 / temperature
+    if bias is None:
+        tile.copy_(shift[:, None].neg().expand(tile.shape))
+    else:
+        torch.sub(bias.to(tile.dtype)[None, :] * inverse_temperature, shift[:, None], out=tile)
+    return tile.addmm_(hidden_chunk, weight.T, alpha=inverse_temperature)
+
+
 def _exp_and_entropy_(shifted: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Overwrite ``shifted`` (C, V), holding s = z - max, with e = exp(s); return (sum_v e, entropy).
 
@@ -297,15 +322,17 @@ def _unit_grad_hidden_into(
 ) -> None:
     """Write d logp_n / d h_n = (onehot(y_n) - softmax(z_n)) W / tau for a chunk into ``out`` (C, H).
 
-    ``exp_shifted`` (C, V) holds exp(z - max) and is overwritten. The upstream gradient g_n only scales this row,
-    so with a frozen lm_head the whole backward becomes ``g[:, None] * out``: no tile, no matmul.
+    ``exp_shifted`` (C, V) holds e = exp(z - max) and is overwritten. With S = sum_v e, the row is
+    (onehot - e / S) W / tau = -(e - S onehot) W / (S tau): the one-hot goes into the tile as -S at y (C values)
+    and the row scale is applied to the (C, H) product, so no pass over the tile scales it. The upstream gradient
+    g_n only scales this row, so with a frozen lm_head the whole backward becomes ``g[:, None] * out``.
     """
-    inverse_temperature = 1.0 / temperature
-    grad_logits = exp_shifted.mul_((-inverse_temperature / sum_exp)[:, None])
-    grad_logits.scatter_add_(1, target_ids[:, None], torch.full_like(sum_exp[:, None], inverse_temperature))
-    if low_precision is not None:
-        grad_logits = low_precision[: grad_logits.shape[0]].copy_(grad_logits)
-    torch.mm(grad_logits, weight, out=out)
+    exp_shifted.scatter_add_(1, target_ids[:, None], sum_exp[:, None].neg())
+    row_scale = (-1.0 / (temperature * sum_exp))[:, None]
+    if low_precision is None:
+        torch.mm(exp_shifted, weight, out=out).mul_(row_scale)
+    else:  # the cast down to the matmul dtype is a pass anyway; the row scale rides in it
+        torch.mm(torch.mul(exp_shifted, row_scale, out=low_precision[: out.shape[0]]), weight, out=out)
 
 
 class _FusedLogprobs(torch.autograd.Function):
@@ -384,7 +411,7 @@ class _FusedLogprobs(torch.autograd.Function):
                 # The tile now holds exp(z - max) of the last chunk: softmax = that / sum_exp. Kept as a plain
                 # attribute, not a saved tensor, because backward reuses (overwrites) it as its working tile.
                 # Autograd drops ctx, and with it the tile, as soon as no graph needs it (e.g. under no_grad).
-                ctx.last_tile = (tile, low_precision, sum_exp.reciprocal())
+                ctx.last_tile = (tile, low_precision, sum_exp)
         if entropy is None:
             return logprobs
         ctx.mark_non_differentiable(entropy)
@@ -426,7 +453,7 @@ def _recompute_backward(
     """Grads for (hidden, weight, bias), each None unless needed, recomputing one (C, V) tile at a time.
 
     Chunks run last to first, so the first one can use ``last_tile`` = (tile holding the forward's
-    exp(z - max) for the last chunk, its low-precision buffer, 1 / sum_exp per row) without a recompute.
+    exp(z - max) for the last chunk, its low-precision buffer, sum_v exp(z - max) per row) without a recompute.
     """
     needs_hidden, needs_weight, needs_bias = needs_grad
     num_rows, vocab_size = hidden.shape[0], weight.shape[0]
@@ -447,38 +474,55 @@ def _recompute_backward(
         if not same_dtype and bounds:
             weight_product = torch.empty_like(weight)
 
-    # dL/dz / tau = coef * (onehot - softmax) with coef = g / tau; folding 1/tau here saves a pass over the tile.
-    coefs = grad_logprobs.to(compute_dtype) / temperature
+    # dL/dz / tau = (g / tau) (onehot - softmax). The tile is brought to A = softmax - onehot (or, for the handed-over
+    # tile, exp(z - max) - sum_exp onehot, which is A times sum_exp) and the per-row factor s, with dL/dz / tau =
+    # s A, is applied to the (C, H) sides of the matmuls instead: s (A W) for grad_hidden, A^T (s h) for grad_weight.
+    # That leaves one elementwise pass (exp) over each recomputed tile, and none over the handed-over one.
+    minus_coefs = grad_logprobs.to(compute_dtype) / -temperature
     if last_tile is not None:
-        tile, low_precision, last_inverse_sum_exp = last_tile
+        tile, low_precision, last_sum_exp = last_tile
     else:
         tile_rows = bounds[0][1] if bounds else 0
         tile = torch.empty(tile_rows, vocab_size, dtype=compute_dtype, device=hidden.device)
         low_precision = _low_precision_buffer(tile, weight.dtype)
+    scaled_hidden = None
+    if grad_weight is not None and bounds and low_precision is None:
+        scaled_hidden = torch.empty(bounds[0][1], hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     for index, (start, end) in enumerate(reversed(bounds)):
-        hidden_chunk, coef = hidden[start:end], coefs[start:end, None]
+        hidden_chunk, targets = hidden[start:end], target_ids[start:end, None]
         if index == 0 and last_tile is not None:
-            # exp(z - max) * (1 / sum_exp) is the softmax; fold that row scale into the -coef multiply.
-            grad_logits = tile[: end - start].mul_(coef * last_inverse_sum_exp[:, None].neg())
+            # Holds e = exp(z - max); softmax - onehot = (e - sum_exp onehot) / sum_exp.
+            grad_tile = tile[: end - start].scatter_add_(1, targets, last_sum_exp[:, None].neg())
+            row_scale = minus_coefs[start:end] / last_sum_exp
         else:
-            logits = _scaled_logits_into(tile[: end - start], low_precision, hidden_chunk, weight, bias, temperature)
-            grad_logits = logits.sub_(log_normaliser[start:end, None]).exp_().mul_(coef.neg())
-        grad_logits.scatter_add_(1, target_ids[start:end, None], coef)
+            grad_tile = _logits_minus_into(
+                tile[: end - start], low_precision, hidden_chunk, weight, bias, temperature, log_normaliser[start:end]
+            ).exp_()
+            grad_tile.scatter_add_(1, targets, torch.full_like(log_normaliser[start:end, None], -1.0))
+            row_scale = minus_coefs[start:end]
         if grad_bias is not None:
-            grad_bias += grad_logits.sum(dim=0)
-        if low_precision is not None:  # matmuls in the input dtype, e.g. bf16
-            grad_logits = low_precision[: end - start].copy_(grad_logits)
+            grad_bias += grad_tile.T @ row_scale
+        if low_precision is not None:
+            # Matmuls in the input dtype (e.g. bf16): the tile must be cast down anyway, so the row scale rides in
+            # that same pass, and the low-precision operands are rounded once, as in the naive path.
+            grad_tile = torch.mul(grad_tile, row_scale[:, None], out=low_precision[: end - start])
+            row_scale = None
         if grad_hidden is not None:
-            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            product = torch.mm(grad_tile, weight, out=grad_hidden[start:end])
+            if row_scale is not None:
+                product.mul_(row_scale[:, None])
         if grad_weight is None:
             continue
+        scaled_chunk = hidden_chunk
+        if row_scale is not None:
+            scaled_chunk = torch.mul(hidden_chunk, row_scale[:, None], out=scaled_hidden[: end - start])
         if weight_product is not None:
-            grad_weight += torch.mm(grad_logits.T, hidden_chunk, out=weight_product)
+            grad_weight += torch.mm(grad_tile.T, scaled_chunk, out=weight_product)
         elif index == 0:
-            torch.mm(grad_logits.T, hidden_chunk, out=grad_weight)
+            torch.mm(grad_tile.T, scaled_chunk, out=grad_weight)
         else:
-            grad_weight.addmm_(grad_logits.T, hidden_chunk)
-    del tile, low_precision
+            grad_weight.addmm_(grad_tile.T, scaled_chunk)
+    del tile, low_precision, scaled_hidden
 
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
