@@ -239,16 +239,26 @@ def _scaled_logits_into(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     temperature: float,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write z = (hidden_chunk @ weight.T + bias) / temperature into ``tile`` (C, V) and return it.
+    """Write z = (hidden_chunk @ weight.T + bias) / temperature, less ``shift[:, None]`` if given, into ``tile``.
 
     Writing into a reused tile matters on CPU: a fresh multi-hundred-MB allocation per chunk is page-faulted
     in again every time, which costs a sizeable fraction of the matmul itself. Bias and 1/temperature ride in
-    the matmul's beta/alpha, so they cost no extra pass over the tile.
+    the matmul's beta/alpha, so they cost no extra pass over the tile. The backward knows each row's
+    log-normaliser before it recomputes the logits, so it passes it as ``shift``: the tile is first filled with
+    bias / tau - shift (a write-only pass) and the matmul accumulates onto it, instead of a matmul followed by a
+    read-modify-write pass.
     """
     inverse_temperature = 1.0 / temperature
     if low_precision is None:
-        if bias is not None:
+        if shift is not None:
+            if bias is None:
+                tile.copy_(shift[:, None].neg().expand(tile.shape))
+            else:
+                torch.sub(bias.to(tile.dtype)[None, :] * inverse_temperature, shift[:, None], out=tile)
+            tile.addmm_(hidden_chunk, weight.T, alpha=inverse_temperature)
+        elif bias is not None:
             bias = bias.to(tile.dtype)  # (V,): a no-op unless the bias has its own dtype
             torch.addmm(bias, hidden_chunk, weight.T, beta=inverse_temperature, alpha=inverse_temperature, out=tile)
         elif temperature != 1.0:
@@ -264,32 +274,9 @@ def _scaled_logits_into(
         tile.add_(bias)
     if temperature != 1.0:
         tile.mul_(inverse_temperature)
+    if shift is not None:
+        tile.sub_(shift[:, None])
     return tile
-
-
-def _logits_minus_into(
-    tile: torch.Tensor,
-    low_precision: torch.Tensor | None,
-    hidden_chunk: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
-    shift: torch.Tensor,
-) -> torch.Tensor:
-    """Write z - shift[:, None] = (hidden_chunk @ weight.T + bias) / temperature - shift[:, None] into ``tile``.
-
-    The backward knows each row's log-normaliser before it recomputes the logits, so the subtraction is folded into
-    the matmul: the tile is first filled with bias / tau - shift (a write-only pass), and the matmul accumulates
-    onto it (beta = 1), instead of a matmul followed by a read-modify-write pass.
-    """
-    if low_precision is not None:
-        return _scaled_logits_into(tile, low_precision, hidden_chunk, weight, bias, temperature).sub_(shift[:, None])
-    inverse_temperature = 1.0 / temperature
-    if bias is None:
-        tile.copy_(shift[:, None].neg().expand(tile.shape))
-    else:
-        torch.sub(bias.to(tile.dtype)[None, :] * inverse_temperature, shift[:, None], out=tile)
-    return tile.addmm_(hidden_chunk, weight.T, alpha=inverse_temperature)
 
 
 def _exp_and_entropy_(shifted: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -495,7 +482,7 @@ def _recompute_backward(
             grad_tile = tile[: end - start].scatter_add_(1, targets, last_sum_exp[:, None].neg())
             row_scale = minus_coefs[start:end] / last_sum_exp
         else:
-            grad_tile = _logits_minus_into(
+            grad_tile = _scaled_logits_into(
                 tile[: end - start], low_precision, hidden_chunk, weight, bias, temperature, log_normaliser[start:end]
             ).exp_()
             grad_tile.scatter_add_(1, targets, torch.full_like(log_normaliser[start:end, None], -1.0))
