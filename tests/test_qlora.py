@@ -55,6 +55,24 @@ def test_the_base_is_quantized_but_the_head_is_not_and_log_probs_are_exact(tiny_
     torch.testing.assert_close(ours[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
+def test_a_no_grad_eval_pass_leaves_every_4bit_layer_on_the_autograd_path(tiny_model_dir, tokenizer):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer, for good, into its inference kernel's layout the
+    first time the layer sees a no-grad input in eval mode; that kernel has no backward. Rollouts and reference
+    passes are exactly such inputs, so after one the training forward must still send gradient to the adapters of
+    the lowest layer (through every quantized layer above it). On a CPU without AVX512-BF16 this holds anyway."""
+    agent = make_agent(tiny_model_dir, tokenizer)
+    agent.set_training_mode(False)
+    agent.get_logprobs(PROMPT_IDS, PROMPT_MASK, policy="reference")
+    agent.get_logprobs(PROMPT_IDS, PROMPT_MASK)
+    states = [layer.weight.quant_state for layer in quantized_layers(agent)]
+    assert not any(getattr(state, "packing_format_for_cpu", False) for state in states)
+    agent.set_training_mode(True)
+    agent.get_logprobs(PROMPT_IDS, PROMPT_MASK, requires_grad=True)[PROMPT_MASK[:, 1:]].sum().backward()
+    # lora_B, not lora_A: B starts at zero, so A has no gradient at the first step whatever the path.
+    lowest = [p for n, p in agent.actor.named_parameters() if "layers.0." in n and "lora_B.actor" in n]
+    assert lowest and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lowest)
+
+
 @pytest.fixture(scope="module")
 def peaked_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("peaked_q"), "nano", initializer_range=0.2)

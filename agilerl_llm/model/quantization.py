@@ -67,10 +67,22 @@ def quantization_settings(model: nn.Module) -> dict[str, Any] | None:
 
 
 def prepare_quantized_base(model: nn.Module) -> nn.Module:
-    """PEFT's k-bit training preparation; activation checkpointing stays the agent's own setting."""
+    """PEFT's k-bit training preparation; activation checkpointing stays the agent's own setting.
+
+    bitsandbytes' CPU inference shortcut is switched off on every 4-bit layer: on a CPU with AVX512-BF16, a
+    ``Linear4bit`` in eval mode that sees an input without grad repacks its weight, in place and for good, into a
+    layout only its inference kernel reads. An agent alternates no-grad rollouts and reference passes with
+    training forwards on the same layers; after a repack the training forward would take that kernel, which
+    has no backward (no gradient reaches the adapters below it) and fails on the bias. The shortcut is
+    decided per layer by this attribute, so turning it off keeps the autograd path in every mode.
+    """
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def check_output_head_unquantized(model: nn.Module) -> None:
