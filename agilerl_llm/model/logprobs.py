@@ -40,6 +40,9 @@ Notation::
     H  hidden size
     V  vocabulary size
     C  rows per chunk (``chunk_rows``); K = ceil(N / C) chunks of near-equal size
+
+The tile is stored vocab-major, (V, c) for a chunk of c <= C rows (see ``_Tiles``); sizes below say (C, V) for its
+extent only.
 """
 
 from __future__ import annotations
@@ -223,77 +226,98 @@ def _chunk_bounds(num_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _low_precision_buffer(tile: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """A reusable (C, V) buffer in the matmul dtype when the tile is wider (bf16 inputs, fp32 softmax), else None.
+class _Tiles:
+    """Reused flat buffers that hold one chunk's logits as a vocab-major (V, c) tile, for chunks of up to C rows.
 
-    CPU has no mixed-dtype matmul: logits are produced in the input dtype and upcast into the tile, and the
-    gradient tile is cast back down before its matmuls. Reusing one buffer avoids a fresh allocation per chunk.
+    Vocab-major, because ``weight @ hidden_chunk.T`` writes a (V, c) product 8-17% faster on the CPU than
+    ``hidden_chunk @ weight.T`` writes the (c, V) one, and every later matmul reads the tile at full speed in
+    either orientation. Flat buffers, so that a chunk of c < C rows still gets a contiguous (V, c) view (a
+    ``[:, :c]`` slice of a (V, C) tile would not be a valid ``out=``). Reusing them matters on the CPU: a fresh
+    multi-hundred-MB allocation per chunk is page-faulted in again every time.
+
+    ``low_precision``: CPU has no mixed-dtype matmul, so for inputs narrower than the softmax dtype (bf16 with the
+    fp32 cast) a second, half-size buffer in the matmul dtype takes the products and the cast-down gradients.
     """
-    return None if tile.dtype == dtype else torch.empty(tile.shape, dtype=dtype, device=tile.device)
+
+    def __init__(self, vocab_size: int, max_rows: int, dtype: torch.dtype, matmul_dtype: torch.dtype, device) -> None:
+        self.vocab_size = vocab_size
+        self.buffer = torch.empty(vocab_size * max_rows, dtype=dtype, device=device)
+        self.low_precision_buffer = (
+            None if matmul_dtype == dtype else torch.empty(vocab_size * max_rows, dtype=matmul_dtype, device=device)
+        )
+
+    def tile(self, rows: int) -> torch.Tensor:
+        """The (V, rows) softmax-dtype tile."""
+        return self.buffer[: self.vocab_size * rows].view(self.vocab_size, rows)
+
+    def low_precision(self, rows: int) -> torch.Tensor | None:
+        """The (V, rows) matmul-dtype tile, or None when the matmuls run in the softmax dtype."""
+        if self.low_precision_buffer is None:
+            return None
+        return self.low_precision_buffer[: self.vocab_size * rows].view(self.vocab_size, rows)
 
 
 def _scaled_logits_into(
-    tile: torch.Tensor,
-    low_precision: torch.Tensor | None,
+    tiles: _Tiles,
     hidden_chunk: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     temperature: float,
     shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write z = (hidden_chunk @ weight.T + bias) / temperature, less ``shift[:, None]`` if given, into ``tile``.
+    """The (V, c) tile holding z^T = (weight @ hidden_chunk.T + bias) / temperature, less ``shift[None, :]`` if given.
 
-    Writing into a reused tile matters on CPU: a fresh multi-hundred-MB allocation per chunk is page-faulted
-    in again every time, which costs a sizeable fraction of the matmul itself. Bias and 1/temperature ride in
-    the matmul's beta/alpha, so they cost no extra pass over the tile. The backward knows each row's
-    log-normaliser before it recomputes the logits, so it passes it as ``shift``: the tile is first filled with
-    bias / tau - shift (a write-only pass) and the matmul accumulates onto it, instead of a matmul followed by a
-    read-modify-write pass.
+    Bias and 1/temperature ride in the matmul's beta/alpha, so they cost no extra pass over the tile. The backward
+    knows each row's log-normaliser before it recomputes the logits, so it passes it as ``shift``: the tile is first
+    filled with bias / tau - shift (a write-only pass) and the matmul accumulates onto it, instead of a matmul
+    followed by a read-modify-write pass.
     """
+    rows = hidden_chunk.shape[0]
+    tile, low_precision = tiles.tile(rows), tiles.low_precision(rows)
     inverse_temperature = 1.0 / temperature
     if low_precision is None:
         if shift is not None:
             if bias is None:
-                tile.copy_(shift[:, None].neg().expand(tile.shape))
+                tile.copy_(shift[None, :].neg().expand(tile.shape))
             else:
-                torch.sub(bias.to(tile.dtype)[None, :] * inverse_temperature, shift[:, None], out=tile)
-            tile.addmm_(hidden_chunk, weight.T, alpha=inverse_temperature)
+                torch.sub(bias.to(tile.dtype)[:, None] * inverse_temperature, shift[None, :], out=tile)
+            tile.addmm_(weight, hidden_chunk.T, alpha=inverse_temperature)
         elif bias is not None:
-            bias = bias.to(tile.dtype)  # (V,): a no-op unless the bias has its own dtype
-            torch.addmm(bias, hidden_chunk, weight.T, beta=inverse_temperature, alpha=inverse_temperature, out=tile)
+            column = bias.to(tile.dtype)[:, None]  # (V, 1): a no-op cast unless the bias has its own dtype
+            torch.addmm(column, weight, hidden_chunk.T, beta=inverse_temperature, alpha=inverse_temperature, out=tile)
         elif temperature != 1.0:
-            torch.addmm(tile, hidden_chunk, weight.T, beta=0.0, alpha=inverse_temperature, out=tile)
+            torch.addmm(tile, weight, hidden_chunk.T, beta=0.0, alpha=inverse_temperature, out=tile)
         else:
-            torch.mm(hidden_chunk, weight.T, out=tile)
+            torch.mm(weight, hidden_chunk.T, out=tile)
         return tile
     # The low-precision product is upcast before any softmax work.
-    product = low_precision[: tile.shape[0]]
-    torch.mm(hidden_chunk, weight.T, out=product)
-    tile.copy_(product)
+    tile.copy_(torch.mm(weight, hidden_chunk.T, out=low_precision))
     if bias is not None:
-        tile.add_(bias)
+        tile.add_(bias[:, None])
     if temperature != 1.0:
         tile.mul_(inverse_temperature)
     if shift is not None:
-        tile.sub_(shift[:, None])
+        tile.sub_(shift[None, :])
     return tile
 
 
 def _exp_and_entropy_(shifted: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Overwrite ``shifted`` (C, V), holding s = z - max, with e = exp(s); return (sum_v e, entropy).
+    """Overwrite ``shifted`` (V, c), holding s = z^T - max, with e = exp(s); return (sum_v e, entropy), each (c,).
 
     entropy = lse - E_p[z] = log(sum e) - sum(e * s) / sum(e). The two factors are needed at once, so the tile is
-    processed in row blocks through ``scratch`` (rows, V): each block stays in cache and no second tile exists.
+    processed in blocks of vocabulary rows through ``scratch`` (a flat buffer): each block stays in cache and no
+    second tile exists.
     """
-    num_rows, block_rows = shifted.shape[0], scratch.shape[0]
-    sum_exp = torch.empty(num_rows, dtype=shifted.dtype, device=shifted.device)
-    weighted = torch.empty_like(sum_exp)
-    for start in range(0, num_rows, block_rows):
-        end = min(start + block_rows, num_rows)
+    vocab_size, num_rows = shifted.shape
+    block_vocab = max(1, scratch.numel() // max(num_rows, 1))
+    sum_exp = torch.zeros(num_rows, dtype=shifted.dtype, device=shifted.device)
+    weighted = torch.zeros_like(sum_exp)
+    for start in range(0, vocab_size, block_vocab):
+        end = min(start + block_vocab, vocab_size)
         block = shifted[start:end]
-        exp_block = torch.exp(block, out=scratch[: end - start])
-        torch.sum(exp_block, dim=1, out=sum_exp[start:end])
-        torch.sum(block.mul_(exp_block), dim=1, out=weighted[start:end])
+        exp_block = torch.exp(block, out=scratch[: block.numel()].view(block.shape))
+        sum_exp += exp_block.sum(dim=0)
+        weighted += block.mul_(exp_block).sum(dim=0)
         block.copy_(exp_block)
     return sum_exp, sum_exp.log() - weighted / sum_exp
 
@@ -307,19 +331,19 @@ def _unit_grad_hidden_into(
     weight: torch.Tensor,
     temperature: float,
 ) -> None:
-    """Write d logp_n / d h_n = (onehot(y_n) - softmax(z_n)) W / tau for a chunk into ``out`` (C, H).
+    """Write d logp_n / d h_n = (onehot(y_n) - softmax(z_n)) W / tau for a chunk into ``out`` (c, H).
 
-    ``exp_shifted`` (C, V) holds e = exp(z - max) and is overwritten. With S = sum_v e, the row is
-    (onehot - e / S) W / tau = -(e - S onehot) W / (S tau): the one-hot goes into the tile as -S at y (C values)
-    and the row scale is applied to the (C, H) product, so no pass over the tile scales it. The upstream gradient
+    ``exp_shifted`` (V, c) holds e = exp(z^T - max) and is overwritten. With S = sum_v e, the row is
+    (onehot - e / S) W / tau = -(e - S onehot) W / (S tau): the one-hot goes into the tile as -S at y (c values)
+    and the row scale is applied to the (c, H) product, so no pass over the tile scales it. The upstream gradient
     g_n only scales this row, so with a frozen lm_head the whole backward becomes ``g[:, None] * out``.
     """
-    exp_shifted.scatter_add_(1, target_ids[:, None], sum_exp[:, None].neg())
-    row_scale = (-1.0 / (temperature * sum_exp))[:, None]
+    exp_shifted.scatter_add_(0, target_ids[None, :], sum_exp[None, :].neg())
+    row_scale = -1.0 / (temperature * sum_exp)
     if low_precision is None:
-        torch.mm(exp_shifted, weight, out=out).mul_(row_scale)
+        torch.mm(exp_shifted.T, weight, out=out).mul_(row_scale[:, None])
     else:  # the cast down to the matmul dtype is a pass anyway; the row scale rides in it
-        torch.mm(torch.mul(exp_shifted, row_scale, out=low_precision[: out.shape[0]]), weight, out=out)
+        torch.mm(torch.mul(exp_shifted, row_scale[None, :], out=low_precision).T, weight, out=out)
 
 
 class _FusedLogprobs(torch.autograd.Function):
@@ -354,31 +378,29 @@ class _FusedLogprobs(torch.autograd.Function):
         log_normaliser = torch.empty_like(logprobs)
         entropy = torch.empty_like(logprobs) if return_entropy else None
         unit_grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if frozen_head else None
-        tile = torch.empty(tile_rows, vocab_size, dtype=compute_dtype, device=hidden.device)
-        low_precision = _low_precision_buffer(tile, hidden.dtype)
+        tiles = _Tiles(vocab_size, tile_rows, compute_dtype, hidden.dtype, hidden.device)
         scratch = None
         if entropy is not None:
-            block_rows = max(1, ENTROPY_BLOCK_BYTES // (tile.element_size() * max(vocab_size, 1)))
-            scratch = torch.empty(min(block_rows, tile_rows), vocab_size, dtype=compute_dtype, device=hidden.device)
+            scratch_size = min(ENTROPY_BLOCK_BYTES // tiles.buffer.element_size(), tiles.buffer.numel())
+            scratch = torch.empty(max(scratch_size, tile_rows, 1), dtype=compute_dtype, device=hidden.device)
         sum_exp = None
         for start, end in bounds:
-            logits = _scaled_logits_into(
-                tile[: end - start], low_precision, hidden[start:end], weight, bias, temperature
-            )
-            target_logits = logits.gather(1, target_ids[start:end, None]).squeeze(1)
-            max_logits = logits.amax(dim=1, keepdim=True)
+            targets = target_ids[None, start:end]
+            logits = _scaled_logits_into(tiles, hidden[start:end], weight, bias, temperature)  # (V, c)
+            target_logits = logits.gather(0, targets).squeeze(0)
+            max_logits = logits.amax(dim=0, keepdim=True)
             exp_shifted = logits.sub_(max_logits)  # in place: z - max <= 0, so exp cannot overflow
             if entropy is None:
-                sum_exp = exp_shifted.exp_().sum(dim=1)
+                sum_exp = exp_shifted.exp_().sum(dim=0)
             else:
                 sum_exp, entropy[start:end] = _exp_and_entropy_(exp_shifted, scratch)
-            log_normaliser[start:end] = max_logits.squeeze(1) + sum_exp.log()
+            log_normaliser[start:end] = max_logits.squeeze(0) + sum_exp.log()
             logprobs[start:end] = target_logits - log_normaliser[start:end]
             if unit_grad_hidden is not None:
                 _unit_grad_hidden_into(
                     unit_grad_hidden[start:end],
                     exp_shifted,
-                    low_precision,
+                    tiles.low_precision(end - start),
                     sum_exp,
                     target_ids[start:end],
                     weight,
@@ -398,7 +420,7 @@ class _FusedLogprobs(torch.autograd.Function):
                 # The tile now holds exp(z - max) of the last chunk: softmax = that / sum_exp. Kept as a plain
                 # attribute, not a saved tensor, because backward reuses (overwrites) it as its working tile.
                 # Autograd drops ctx, and with it the tile, as soon as no graph needs it (e.g. under no_grad).
-                ctx.last_tile = (tile, low_precision, sum_exp)
+                ctx.last_tile = (tiles, sum_exp)
         if entropy is None:
             return logprobs
         ctx.mark_non_differentiable(entropy)
@@ -435,12 +457,12 @@ def _recompute_backward(
     temperature: float,
     chunk_rows: int,
     needs_grad: tuple[bool, bool, bool],
-    last_tile: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
+    last_tile: tuple[_Tiles, torch.Tensor] | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Grads for (hidden, weight, bias), each None unless needed, recomputing one (C, V) tile at a time.
+    """Grads for (hidden, weight, bias), each None unless needed, recomputing one (V, c) tile at a time.
 
-    Chunks run last to first, so the first one can use ``last_tile`` = (tile holding the forward's
-    exp(z - max) for the last chunk, its low-precision buffer, sum_v exp(z - max) per row) without a recompute.
+    Chunks run last to first, so the first one can use ``last_tile`` = (the forward's buffers, whose tile holds
+    exp(z - max) for the last chunk; sum_v exp(z - max) per row) without a recompute.
     """
     needs_hidden, needs_weight, needs_bias = needs_grad
     num_rows, vocab_size = hidden.shape[0], weight.shape[0]
@@ -463,39 +485,38 @@ def _recompute_backward(
 
     # dL/dz / tau = (g / tau) (onehot - softmax). The tile is brought to A = softmax - onehot (or, for the handed-over
     # tile, exp(z - max) - sum_exp onehot, which is A times sum_exp) and the per-row factor s, with dL/dz / tau =
-    # s A, is applied to the (C, H) sides of the matmuls instead: s (A W) for grad_hidden, A^T (s h) for grad_weight.
+    # s A, is applied to the (c, H) sides of the matmuls instead: s (A W) for grad_hidden, A^T (s h) for grad_weight.
     # That leaves one elementwise pass (exp) over each recomputed tile, and none over the handed-over one.
     minus_coefs = grad_logprobs.to(compute_dtype) / -temperature
     if last_tile is not None:
-        tile, low_precision, last_sum_exp = last_tile
+        tiles, last_sum_exp = last_tile
     else:
         tile_rows = bounds[0][1] if bounds else 0
-        tile = torch.empty(tile_rows, vocab_size, dtype=compute_dtype, device=hidden.device)
-        low_precision = _low_precision_buffer(tile, weight.dtype)
+        tiles = _Tiles(vocab_size, tile_rows, compute_dtype, weight.dtype, hidden.device)
     scaled_hidden = None
-    if grad_weight is not None and bounds and low_precision is None:
+    if grad_weight is not None and bounds and tiles.low_precision_buffer is None:
         scaled_hidden = torch.empty(bounds[0][1], hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     for index, (start, end) in enumerate(reversed(bounds)):
-        hidden_chunk, targets = hidden[start:end], target_ids[start:end, None]
+        hidden_chunk, targets = hidden[start:end], target_ids[None, start:end]
         if index == 0 and last_tile is not None:
             # Holds e = exp(z - max); softmax - onehot = (e - sum_exp onehot) / sum_exp.
-            grad_tile = tile[: end - start].scatter_add_(1, targets, last_sum_exp[:, None].neg())
+            grad_tile = tiles.tile(end - start).scatter_add_(0, targets, last_sum_exp[None, :].neg())
             row_scale = minus_coefs[start:end] / last_sum_exp
         else:
-            grad_tile = _scaled_logits_into(
-                tile[: end - start], low_precision, hidden_chunk, weight, bias, temperature, log_normaliser[start:end]
-            ).exp_()
-            grad_tile.scatter_add_(1, targets, torch.full_like(log_normaliser[start:end, None], -1.0))
+            shift = log_normaliser[start:end]
+            grad_tile = _scaled_logits_into(tiles, hidden_chunk, weight, bias, temperature, shift).exp_()
+            grad_tile.scatter_add_(0, targets, torch.full_like(shift[None, :], -1.0))
             row_scale = minus_coefs[start:end]
         if grad_bias is not None:
-            grad_bias += grad_tile.T @ row_scale
+            grad_bias += grad_tile @ row_scale
+        low_precision = tiles.low_precision(end - start)
         if low_precision is not None:
             # Matmuls in the input dtype (e.g. bf16): the tile must be cast down anyway, so the row scale rides in
             # that same pass, and the low-precision operands are rounded once, as in the naive path.
-            grad_tile = torch.mul(grad_tile, row_scale[:, None], out=low_precision[: end - start])
+            grad_tile = torch.mul(grad_tile, row_scale[None, :], out=low_precision)
             row_scale = None
         if grad_hidden is not None:
-            product = torch.mm(grad_tile, weight, out=grad_hidden[start:end])
+            product = torch.mm(grad_tile.T, weight, out=grad_hidden[start:end])
             if row_scale is not None:
                 product.mul_(row_scale[:, None])
         if grad_weight is None:
@@ -504,12 +525,12 @@ def _recompute_backward(
         if row_scale is not None:
             scaled_chunk = torch.mul(hidden_chunk, row_scale[:, None], out=scaled_hidden[: end - start])
         if weight_product is not None:
-            grad_weight += torch.mm(grad_tile.T, scaled_chunk, out=weight_product)
+            grad_weight += torch.mm(grad_tile, scaled_chunk, out=weight_product)
         elif index == 0:
-            torch.mm(grad_tile.T, scaled_chunk, out=grad_weight)
+            torch.mm(grad_tile, scaled_chunk, out=grad_weight)
         else:
-            grad_weight.addmm_(grad_tile.T, scaled_chunk)
-    del tile, low_precision, scaled_hidden
+            grad_weight.addmm_(grad_tile, scaled_chunk)
+    del tiles, scaled_hidden
 
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
