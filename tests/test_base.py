@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from agilerl_llm.algorithms.base import LLMAlgorithm
 from agilerl_llm.model.logprobs import naive_logprobs
 from agilerl_llm.optim import CosineLRScheduleConfig
+from agilerl_llm.utils import notices
 
 
 def make_agent(model, tokenizer, **kwargs) -> LLMAlgorithm:
@@ -93,15 +94,17 @@ def test_reference_logprobs_stay_while_actor_moves_until_set_reference_policy(ti
     assert torch.equal(agent.get_logprobs(batch.input_ids, batch.attention_mask, policy="reference"), reference_2)
 
 
-def test_without_reference_adapter_the_base_is_the_reference(tiny_model_dir, tokenizer, batch):
+def test_without_reference_adapter_the_base_is_the_reference(tiny_model_dir, tokenizer, batch, monkeypatch):
+    monkeypatch.setattr(notices, "_warned", set())  # the notice is once per process: earlier tests may have had it
     agent = make_agent(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, use_separate_reference_adapter=False
     )
     base = agent.get_logprobs(batch.input_ids, batch.attention_mask, policy="base")
     train_one_step(agent, batch)
     assert torch.equal(agent.get_logprobs(batch.input_ids, batch.attention_mask, policy="reference"), base)
-    with pytest.warns(UserWarning, match="no effect"):
+    with pytest.warns(UserWarning, match="no effect") as caught:
         agent.set_reference_policy(1)
+    assert caught[0].filename == __file__  # it points at the caller's line, not at the package
 
 
 def test_logprobs_match_the_full_model_forward(tiny_model_dir, tokenizer, batch):

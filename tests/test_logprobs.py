@@ -186,8 +186,8 @@ def test_entropy_matches_naive_and_is_detached(temperature: float, with_bias: bo
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_entropy_path_keeps_grads_exact(monkeypatch, dtype: torch.dtype, tolerance: float) -> None:
-    """With entropy the tile is processed in blocks of vocabulary rows through a scratch buffer and must still end up holding
-    exp(z - max): the last chunk's tile is handed to backward, so a wrong restore would corrupt its grads."""
+    """With entropy the tile is processed in blocks of vocabulary rows through a scratch buffer and must still end up
+    holding exp(z - max): the last chunk's tile is handed to backward, so a wrong restore would corrupt its grads."""
     # Room for 2 * VOCAB values: a 3-row chunk goes through its vocabulary in two blocks.
     monkeypatch.setattr(logprobs_module, "ENTROPY_BLOCK_BYTES", 2 * VOCAB * 4)
     hidden, weight, bias = _leaves((ROWS, HIDDEN), (VOCAB, HIDDEN), (VOCAB,), dtype=dtype, seed=22)

@@ -270,7 +270,6 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
                 "fixed_reference",
                 "set_reference_policy has no effect without a separate reference adapter: the reference is the frozen "
                 "base model. Pass use_separate_reference_adapter=True to move the KL anchor.",
-                stacklevel=2,
             )
 
     # ------------------------------------------------------------------------------------------ log-probs

@@ -383,6 +383,7 @@ class CheckpointManager:
         warn_once(
             "save_async_deepspeed",
             "save_async: a DeepSpeed engine writes its checkpoint collectively; saving synchronously instead.",
+            stacklevel=4,  # warn_once, _can_snapshot, save, the caller of save
         )
         return False
 

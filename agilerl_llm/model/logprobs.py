@@ -485,7 +485,8 @@ def _recompute_backward(
 
     # dL/dz / tau = (g / tau) (onehot - softmax). The tile is brought to A = softmax - onehot (or, for the handed-over
     # tile, exp(z - max) - sum_exp onehot, which is A times sum_exp) and the per-row factor s, with dL/dz / tau =
-    # s A, is applied to the (c, H) sides of the matmuls instead: s (A W) for grad_hidden, A^T (s h) for grad_weight.
+    # s A, is applied to the (c, H) sides of the matmuls instead: s (A W) for grad_hidden, A^T (s h) for grad_weight
+    # (the vocab-major tile holds A^T, hence ``grad_tile.T @ weight`` and ``grad_tile @ scaled_chunk`` below).
     # That leaves one elementwise pass (exp) over each recomputed tile, and none over the handed-over one.
     minus_coefs = grad_logprobs.to(compute_dtype) / -temperature
     if last_tile is not None:
