@@ -251,3 +251,75 @@ def test_the_plain_lora_config_follows_changes_to_the_config():
     assert checkpoint_state._plain_lora_config(config)["target_modules"] == ["q_proj", "v_proj"]
     config.r = 4
     assert checkpoint_state._plain_lora_config(config) == checkpoint_files.plain_lora_config(config)
+
+
+def _deferred_snapshot(agent):
+    """A snapshot whose copies into an earlier snapshot's buffers are queued, not done (as the manager takes it)."""
+    earlier = agent.checkpoint_state(to_host=True)
+    copier = snapshots.HostCopier()
+    snapshot = agent.checkpoint_state(to_host=True, reuse=earlier, copier=copier)
+    return snapshot, snapshots.DeferredCopy(copier)
+
+
+def _later(action, delay: float = 0.3) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (threading.Event().wait(delay), action()))
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("write", ["optimizer step", "reference update"])
+def test_writes_to_live_weights_wait_for_a_deferred_snapshot_copy(tmp_path, tiny_model_dir, tokenizer, write):
+    agent = make_agent(tiny_model_dir, tokenizer)
+    _optimizer_step(agent, 1.0)
+    expected = agent.checkpoint_state(to_host=True)
+    snapshot, deferred = _deferred_snapshot(agent)
+    order = []
+    copier_thread = _later(lambda: (deferred.run(), order.append("copied")))
+    if write == "optimizer step":
+        _optimizer_step(agent, -3.0)  # the step pre-hook waits for the copy
+    else:
+        agent.adapters.copy("actor", "reference")  # so does an adapter copy (set_reference_policy)
+    order.append("written")
+    copier_thread.join()
+    assert order == ["copied", "written"]
+    snapshots.write_snapshot(snapshot, tmp_path / "deferred")
+    snapshots.write_snapshot(expected, tmp_path / "expected")
+    assert _folder_bytes(tmp_path / "deferred") == _folder_bytes(tmp_path / "expected")  # the state before the write
+
+
+def test_a_write_that_skips_the_fence_fails_the_snapshot_instead_of_mixing_two_states(tiny_model_dir, tokenizer):
+    agent = make_agent(tiny_model_dir, tokenizer)
+    _optimizer_step(agent, 1.0)
+    _, deferred = _deferred_snapshot(agent)
+    with torch.no_grad():
+        agent.adapters.parameters("actor")[0].add_(1.0)  # in place, outside any optimizer step or agent method
+    with pytest.raises(snapshots.TornSnapshotError, match="save_async=False"):
+        deferred.run()
+    assert deferred.done.is_set()
+    _optimizer_step(agent, 1.0)  # the fence does not wait on a failed copy
+
+
+def test_the_manager_publishes_no_checkpoint_from_a_torn_snapshot(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    release = threading.Event()
+    real_run = snapshots.DeferredCopy.run
+
+    def held_run(self):  # the writer's copy starts only once the loop has written past the fence
+        release.wait(timeout=10)
+        real_run(self)
+
+    monkeypatch.setattr(snapshots.DeferredCopy, "run", held_run)
+    agent = make_agent(tiny_model_dir, tokenizer)
+    manager = CheckpointManager(CheckpointConfig(path=tmp_path / "ck", interval=1, save_async=True))
+    _optimizer_step(agent, 1.0)
+    manager.save(1, [agent], None)  # the first snapshot is copied fresh, at once
+    manager.wait()
+    _optimizer_step(agent, 1.0)
+    manager.save(2, [agent], None)  # this one reuses step 1's buffers: its copies are deferred
+    with torch.no_grad():
+        agent.adapters.parameters("actor")[0].mul_(2.0)
+    release.set()
+    with pytest.raises(snapshots.TornSnapshotError):
+        manager.wait()
+    manager.close()
+    assert manager.complete_steps() == [1]
+    assert (tmp_path / "ck" / POINTER_FILE).read_text() == "1\n"

@@ -32,6 +32,7 @@ from agilerl_llm.algorithms.generation import GenerationMixin
 from agilerl_llm.checkpoint.agent import apply_state
 from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
 from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
+from agilerl_llm.checkpoint.snapshot import HostCopier
 from agilerl_llm.checkpoint.state import AgentState, CheckpointModule, capture_state, lora_parameters
 from agilerl_llm.distributed import Distributed
 from agilerl_llm.evolution.hyperparameters import HyperparameterConfig, as_hyperparameter_config
@@ -525,10 +526,14 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         *,
         to_host: bool = False,
         reuse: AgentState | None = None,
+        copier: HostCopier | None = None,
     ) -> AgentState:
         """Everything a checkpoint of this agent holds, in memory: adapters, extra modules, optimizer and LR
-        schedule, hyperparameters. ``to_host`` copies it to CPU memory (fixed while training goes on)."""
-        return capture_state(self, lora_only=lora_only, save_optimizer=save_optimizer, to_host=to_host, reuse=reuse)
+        schedule, hyperparameters. ``to_host`` copies it to CPU memory (fixed while training goes on); ``reuse``
+        and ``copier`` are ``capture_state``'s."""
+        return capture_state(
+            self, lora_only=lora_only, save_optimizer=save_optimizer, to_host=to_host, reuse=reuse, copier=copier
+        )
 
     def load_checkpoint_state(
         self,

@@ -58,6 +58,7 @@ from agilerl_llm.checkpoint.state import (
 )
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE
 from agilerl_llm.optim import set_learning_rate
+from agilerl_llm.utils import write_fence
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -178,6 +179,7 @@ def apply_state(
 ) -> None:
     """Apply a checkpoint state (read from disk, or captured in memory) to ``agent``: the body of
     ``LLMAlgorithm.load_checkpoint_state``. Everything is checked before the first live weight changes."""
+    write_fence.fence()  # an async run checkpoint may still be copying the live weights and optimizer state
     dist = Distribution(agent)
     saved = state.payload
     source = state.attributes_file

@@ -29,7 +29,10 @@ uploaded with ``trainer_state.json`` last, then the pointer, then retention (``s
 With ``CheckpointConfig.save_async`` the calling thread only snapshots the state into host memory (adapters,
 optimizer and LR-schedule state copied to CPU, trainer state, RNG) and a background thread writes it, in the same
 order and with the same files and bytes as a synchronous save. The next save, ``wait()`` and ``close()`` wait for
-the write in flight and re-raise its error, if any.
+the write in flight and re-raise its error, if any. Copies into the previous snapshot's host buffers (every save
+after the first) are done by the writer thread too, before it writes; until they are done every optimizer step
+waits for them (``utils.write_fence``), and a tensor changed in place without that fence fails the save
+(``TornSnapshotError``) rather than publishing a checkpoint that mixes two steps.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from agilerl_llm.checkpoint.run_config import (  # re-exported: the manager's pu
     ResumeState,
     resume_order,
 )
-from agilerl_llm.checkpoint.snapshot import write_snapshot
+from agilerl_llm.checkpoint.snapshot import DeferredCopy, HostCopier, write_snapshot
 from agilerl_llm.checkpoint.state import AgentState, Distribution, read_state
 from agilerl_llm.checkpoint.storage import LOCK_FILE, Store, basename, new_run_id
 from agilerl_llm.utils.notices import warn_once
@@ -313,11 +316,13 @@ class CheckpointManager:
         snapshots: list[AgentState] = []
         # The previous snapshots are overwritten below; the write that read them must be over (``wait()`` above).
         assert self._pending is None, "a background write is still in flight"
+        # Copies into the previous snapshot's buffers are only queued here; the writer thread does them (fenced).
+        copier = HostCopier()
         for i, agent in enumerate(pop):
             if save_async:  # without an engine there is nothing collective to do: only the main process writes
                 if self._is_main:
                     previous = self._snapshots.pop(i, None)
-                    snapshots.append(agent.checkpoint_state(to_host=True, reuse=previous))
+                    snapshots.append(agent.checkpoint_state(to_host=True, reuse=previous, copier=copier))
             else:
                 save_agent_checkpoint(agent, staging / f"agent_{i}", lora_only=True, save_optimizer=True)
         rng_tensors, rng_json = capture_rng()
@@ -347,9 +352,14 @@ class CheckpointManager:
                 self._snapshots = dict(enumerate(snapshots))  # host buffers for the next save, once this write is done
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-                self._pending = self._executor.submit(
-                    self._write_in_background, step, staging, snapshots, rng_tensors, rng_file, state_text
-                )
+                deferred = DeferredCopy(copier)  # from here on, optimizer steps wait for the writer's copy
+                try:
+                    self._pending = self._executor.submit(
+                        self._write_in_background, step, staging, deferred, snapshots, rng_tensors, rng_file, state_text
+                    )
+                except BaseException:
+                    deferred.run()  # never leave the fence waiting on a copy no thread will do
+                    raise
             else:
                 self._finish(step, staging, state_text)
         if not save_async:  # every rank takes the same branch, so the barriers stay paired
@@ -360,11 +370,13 @@ class CheckpointManager:
         self,
         step: int,
         staging: Path,
+        deferred: DeferredCopy,
         snapshots: list[AgentState],
         rng_tensors: dict[str, torch.Tensor],
         rng_file: str,
         state_text: str,
     ) -> None:
+        deferred.run()  # the snapshots are complete after this (TornSnapshotError if the loop wrote too early)
         for i, snapshot in enumerate(snapshots):
             write_snapshot(snapshot, staging / f"agent_{i}")
         save_file(rng_tensors, str(staging / rng_file))

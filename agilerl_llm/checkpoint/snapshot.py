@@ -6,13 +6,16 @@ same files, bytes and atomic staging as a synchronous save.
 
 The copy is the part of a save the training loop waits for, so it is kept short: the previous snapshot's host
 tensors are reused as destinations when they fit (one batched copy instead of fresh allocations), and the walk over
-the model's parameters is cached per module tree and revalidated cheaply before each use.
+the model's parameters is cached per module tree and revalidated cheaply before each use. A run checkpoint goes one
+step further (``DeferredCopy``): the loop only queues the copies into reused buffers, and the writer thread does them
+while training goes on, fenced so that nothing writes to a tensor before it is copied.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import torch
 
 from agilerl_llm.checkpoint import files
 from agilerl_llm.distributed import is_partitioned
+from agilerl_llm.utils import write_fence
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
@@ -191,16 +195,63 @@ class HostCopier:
         fresh = value.detach().to("cpu", copy=True)
         return fresh.contiguous() if contiguous else fresh
 
-    def flush(self) -> None:
+    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The queued (targets, sources), handed over; the copier starts empty again."""
         targets, sources, self.targets, self.sources, self.taken = self.targets, self.sources, [], [], set()
-        if not targets:
+        return targets, sources
+
+    def flush(self) -> None:
+        _copy(*self.take())
+
+
+def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    if not targets:
+        return
+    with torch.no_grad():
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(targets, sources)
+        else:
+            for target, source in zip(targets, sources, strict=True):
+                target.copy_(source)
+
+
+class TornSnapshotError(RuntimeError):
+    """A tensor of a deferred snapshot was changed in place before the writer thread had copied it."""
+
+
+class DeferredCopy:
+    """The host copies a ``HostCopier`` queued, done later by ``run()`` on the checkpoint writer thread.
+
+    Until ``run()`` is over, whatever writes to one of the copied tensors must call ``write_fence.fence()`` first, or the snapshot
+    would mix values from before and after the write. Every optimizer step does (a global step pre-hook, registered
+    with the first deferred copy), and so do agilerl_llm's own writes to live weights (adapter loads and copies,
+    ``load_checkpoint_state``). A write that skips the fence is caught: ``run()`` compares every source's version
+    counter with the one it had when queued and raises ``TornSnapshotError`` instead of handing over mixed data
+    (in-place writes through ``.data`` do not move the counter; none of agilerl_llm's own writes go that way).
+    """
+
+    def __init__(self, copier: HostCopier) -> None:
+        self._targets, self._sources = copier.take()
+        self._versions = [source._version for source in self._sources]
+        self.done = threading.Event()
+        if not self._targets:
+            self.done.set()
             return
-        with torch.no_grad():
-            if hasattr(torch, "_foreach_copy_"):
-                torch._foreach_copy_(targets, sources)
-            else:
-                for target, source in zip(targets, sources, strict=True):
-                    target.copy_(source)
+        write_fence.watch(self.done)
+
+    def run(self) -> None:
+        try:
+            _copy(self._targets, self._sources)
+            changed = sum(s._version != v for s, v in zip(self._sources, self._versions, strict=True))
+        finally:
+            self._targets, self._sources, self._versions = [], [], []  # hold no live tensors once done
+            self.done.set()
+        if changed:
+            raise TornSnapshotError(
+                f"{changed} tensor(s) of the checkpoint snapshot were changed in place before the background copy "
+                "was done, so this checkpoint is not written. Call CheckpointManager.wait() before changing model "
+                "or optimizer tensors outside an optimizer step, or set CheckpointConfig.save_async=False."
+            )
 
 
 _IMMUTABLE = (int, float, bool, str, bytes, type(None))

@@ -34,6 +34,7 @@ from agilerl_llm.model.quantization import quantization_settings
 
 if TYPE_CHECKING:
     from agilerl_llm.algorithms.base import LLMAlgorithm
+    from agilerl_llm.checkpoint.snapshot import HostCopier
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ def capture_state(
     save_optimizer: bool = True,
     to_host: bool = False,
     reuse: AgentState | None = None,
+    copier: HostCopier | None = None,
 ) -> AgentState:
     """What a checkpoint of ``agent`` holds, in memory (every rank calls it: under ZeRO-3 it gathers).
 
@@ -122,6 +124,8 @@ def capture_state(
         reuse: an earlier host state whose tensors may be overwritten to hold this one: each tensor of the same
             place, shape, dtype and strides is filled with ``copy_`` instead of a fresh allocation; anything else
             is copied fresh. The earlier state is clobbered: pass one only when nothing reads it any more.
+        copier: with ``to_host``, queue the copies into reused tensors here instead of doing them before returning;
+            the state is not complete until the caller flushes the copier (or runs a ``DeferredCopy`` of it).
     """
     from agilerl_llm.checkpoint.snapshot import HostCopier, adapter_weights_fast, host_copy, named_parameters
 
@@ -132,7 +136,8 @@ def capture_state(
     named = named_parameters(agent.actor)  # base shapes and adapter weights, without a module walk per save
     payload = _payload(agent, lora_only, save_optimizer, engine_saves, named)
     reuse = reuse if to_host else None
-    copier = HostCopier()  # copies into the reused tensors, all at once at the end
+    own_copier = copier is None or not to_host
+    copier = HostCopier() if own_copier else copier  # copies into the reused tensors, all at once at the end
     adapters: dict[str, dict[str, torch.Tensor]] | None = {}
     if lora_only:
         adapters = adapter_weights_fast(agent, named, reuse.adapters if reuse is not None else None, copier)
@@ -149,7 +154,8 @@ def capture_state(
         modules = host_copy(modules, reuse.modules if reuse is not None else None, copier)
     else:
         modules = {name: {k: v.clone().contiguous() for k, v in tensors.items()} for name, tensors in modules.items()}
-    copier.flush()
+    if own_copier:
+        copier.flush()
     # The live LoRA config, not a copy: it never changes after the agent is built, and copying its target_modules
     # set could reorder it, so adapter_config.json would differ from a synchronous save's.
     return AgentState(payload=payload, adapters=adapters, lora_config=agent.lora_config, modules=modules)

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from agilerl_llm.model.lora_scope import adapt_lora_config_for_model
+from agilerl_llm.utils import write_fence
 
 ACTOR = "actor"
 REFERENCE = "reference"
@@ -279,6 +280,7 @@ class AdapterSet:
                     f"Adapter weight {key!r} for {name!r} has shape {tuple(tensor.shape)} but the live adapter has "
                     f"{tuple(expected[key].shape)}: the checkpoint was made for another base model or LoRA rank."
                 )
+        write_fence.fence()  # an async checkpoint may still be copying these weights
         if name in self.shared_storage:
             if self._holds(name, weights):
                 return  # a clone loading what it shares already: it stays shared
@@ -309,6 +311,7 @@ class AdapterSet:
         """Overwrite adapter ``target``'s weights with ``source``'s (e.g. actor -> reference)."""
         self.check_name(source)
         self.check_name(target)
+        write_fence.fence()  # an async checkpoint may still be copying the target's weights
         if target in self.shared_storage:
             if self._holds(target, self.state_dict(source)):
                 return
