@@ -46,6 +46,7 @@ from agilerl_llm.model.forward import (
 from agilerl_llm.model.liger_triton import apply_liger_model_patches, liger_token_logprobs
 from agilerl_llm.model.loading import load_network
 from agilerl_llm.model.logprobs import fused_logprobs
+from agilerl_llm.model.module_tree import set_training
 from agilerl_llm.model.packing import packing_unsupported_reason
 from agilerl_llm.model.prefix_sharing import prefix_sharing_unsupported_reason, window_prefix
 from agilerl_llm.model.quantization import (
@@ -472,7 +473,7 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         Only a change of mode walks the model's modules (thousands of them; on a small model that walk is a few
         percent of a step); every mode change in the package goes through here or restores what it found."""
         if self.actor.training != training:
-            self.actor.train(training)
+            set_training(self.actor, training)
 
     def wrap_models(self) -> None:
         """Ready the training forward and optimizer for the accelerator's backend (together, for DeepSpeed).

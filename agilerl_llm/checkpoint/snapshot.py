@@ -18,7 +18,6 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,56 +47,6 @@ def write_snapshot(snapshot: AgentState, path: str | os.PathLike) -> None:
     except BaseException:
         files.remove_folder(staging)
         raise
-
-
-@dataclass
-class _ParameterCache:
-    """``module.named_parameters()`` of one actor, and the module tree it was read from: every ``_modules`` and
-    ``_parameters`` dict met on the way, its size and its entries (no reference to the actor itself)."""
-
-    named: dict[str, torch.nn.Parameter]
-    containers: list[dict[str, Any]]
-    sizes: list[int]
-    entry_containers: list[dict[str, Any]]
-    entry_keys: list[str]
-    entry_values: list[Any]  # held, so that their ids stay theirs
-    entry_ids: list[int]
-
-    @classmethod
-    def read(cls, module: torch.nn.Module) -> _ParameterCache:
-        containers = [c for m in module.modules() for c in (m._modules, m._parameters)]
-        entries = [(c, k, v) for c in containers for k, v in c.items()]
-        return cls(
-            named=dict(module.named_parameters()),
-            containers=containers,
-            sizes=list(map(len, containers)),
-            entry_containers=[c for c, _, _ in entries],
-            entry_keys=[k for _, k, _ in entries],
-            entry_values=[v for _, _, v in entries],
-            entry_ids=[id(v) for _, _, v in entries],
-        )
-
-    def holds(self) -> bool:
-        """Whether the tree is unchanged: no submodule or parameter added, removed or replaced anywhere in it.
-        (Compared by id: the cache holds every old entry, so no new object can have an old one's id.)"""
-        return list(map(len, self.containers)) == self.sizes and (
-            list(map(id, map(dict.get, self.entry_containers, self.entry_keys))) == self.entry_ids
-        )
-
-
-# actor module -> its _ParameterCache
-_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """``dict(module.named_parameters())``, cached per module while its module tree is unchanged: a PEFT model has
-    about a thousand modules, and checking every submodule and parameter entry by identity (a few C-level passes)
-    is several times cheaper than the walk that builds the names."""
-    cached = _PARAMETERS.get(module)
-    if cached is None or not cached.holds():
-        cached = _ParameterCache.read(module)
-        _PARAMETERS[module] = cached
-    return cached.named
 
 
 # actor module -> (its LoRA parameter names, [(adapter, PEFT key, parameter name)] in PEFT's order)

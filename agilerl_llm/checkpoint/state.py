@@ -127,7 +127,8 @@ def capture_state(
         copier: with ``to_host``, queue the copies into reused tensors here instead of doing them before returning;
             the state is not complete until the caller flushes the copier (or runs a ``DeferredCopy`` of it).
     """
-    from agilerl_llm.checkpoint.snapshot import HostCopier, adapter_weights_fast, host_copy, named_parameters
+    from agilerl_llm.checkpoint.snapshot import HostCopier, adapter_weights_fast, host_copy
+    from agilerl_llm.model.module_tree import named_parameters
 
     dist = Distribution(agent)
     engine_saves = dist.engine is not None and save_optimizer

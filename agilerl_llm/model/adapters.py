@@ -29,6 +29,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from agilerl_llm.model.lean_lora import LeanLoraLinear, use_lean_lora_layers
 from agilerl_llm.model.lora_scope import adapt_lora_config_for_model
 from agilerl_llm.utils import write_fence
 
@@ -343,7 +344,7 @@ class AdapterSet:
 def _mergeable(layer: torch.nn.Module, adapter: str) -> bool:
     """Whether ``merged_for_sampling`` can fold ``adapter`` into this layer: a plain LoRA linear over a float,
     unpartitioned nn.Linear, adapter active, no variant, no dropout that would act."""
-    if type(layer) is not LoraLinear or adapter not in layer.lora_A or adapter in layer.lora_variant:
+    if type(layer) not in (LoraLinear, LeanLoraLinear) or adapter not in layer.lora_A or adapter in layer.lora_variant:
         return False
     base = layer.base_layer
     if type(base) is not torch.nn.Linear or not base.weight.is_floating_point() or hasattr(base.weight, "ds_id"):
@@ -371,6 +372,7 @@ def _attach(model: PreTrainedModel, lora_config: LoraConfig, names: tuple[str, .
     for parameter_name, parameter in peft_model.named_parameters():
         if "lora_" not in parameter_name:
             parameter.requires_grad_(False)
+    use_lean_lora_layers(peft_model)  # the same layers, with one fused matmul-add for the adapter (lean_lora.py)
     return peft_model
 
 
