@@ -171,12 +171,13 @@ class TornSnapshotError(RuntimeError):
 class DeferredCopy:
     """The host copies a ``HostCopier`` queued, done later by ``run()`` on the checkpoint writer thread.
 
-    Until ``run()`` is over, whatever writes to one of the copied tensors must call ``write_fence.fence()`` first, or the snapshot
-    would mix values from before and after the write. Every optimizer step does (a global step pre-hook, registered
-    with the first deferred copy), and so do agilerl_llm's own writes to live weights (adapter loads and copies,
-    ``load_checkpoint_state``). A write that skips the fence is caught: ``run()`` compares every source's version
-    counter with the one it had when queued and raises ``TornSnapshotError`` instead of handing over mixed data
-    (in-place writes through ``.data`` do not move the counter; none of agilerl_llm's own writes go that way).
+    Until ``run()`` is over, whatever writes to one of the copied tensors must call ``write_fence.fence()`` first,
+    or the snapshot would mix values from before and after the write. Every optimizer step does (a global step
+    pre-hook, registered with the first deferred copy), and so do agilerl_llm's own writes to live weights (adapter
+    loads and copies, ``load_checkpoint_state``). A write that skips the fence is caught: ``run()`` compares every
+    source's version counter with the one it had when queued and raises ``TornSnapshotError`` instead of handing
+    over mixed data (in-place writes through ``.data`` do not move the counter; none of agilerl_llm's own writes go
+    that way).
     """
 
     def __init__(self, copier: HostCopier) -> None:
