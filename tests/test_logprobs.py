@@ -274,8 +274,8 @@ def test_matmuls_and_weight_sized_work_in_backward(trainable: str) -> None:
     torch.testing.assert_close(hidden.grad, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("num_rows, chunk_rows", [(10, 3), (8200, 1024), (8192, 1024), (5, 7), (1, 1), (7, 1)])
-def test_chunk_bounds_are_contiguous_and_balanced(num_rows: int, chunk_rows: int) -> None:
+@pytest.mark.parametrize("num_rows, chunk_rows", [(10, 3), (5, 7), (1, 1), (7, 1), (100, 63)])
+def test_small_chunks_are_contiguous_and_balanced(num_rows: int, chunk_rows: int) -> None:
     bounds = _chunk_bounds(num_rows, chunk_rows)
     sizes = [end - start for start, end in bounds]
     assert bounds[0][0] == 0 and bounds[-1][1] == num_rows
@@ -283,6 +283,66 @@ def test_chunk_bounds_are_contiguous_and_balanced(num_rows: int, chunk_rows: int
     assert len(bounds) == -(-num_rows // chunk_rows)
     assert max(sizes) <= chunk_rows and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
     assert _chunk_bounds(0, chunk_rows) == []
+
+
+@pytest.mark.parametrize(
+    "num_rows, chunk_rows, expected_sizes",
+    [
+        (8192, 1024, [1024] * 8),
+        (8200, 1024, [912] * 8 + [904]),  # not nine chunks of 911-912: odd row counts slow the matmuls
+        (1025, 1024, [528, 497]),
+        (500, 100, [100] * 5),  # rounding up would pass C, so C it is
+        (130, 64, [48, 48, 34]),
+        (64, 64, [64]),
+    ],
+)
+def test_large_chunks_are_aligned_and_near_equal(num_rows: int, chunk_rows: int, expected_sizes: list[int]) -> None:
+    bounds = _chunk_bounds(num_rows, chunk_rows)
+    assert [end - start for start, end in bounds] == expected_sizes
+    assert bounds[0][0] == 0 and bounds[-1][1] == num_rows
+    assert all(prev[1] == nxt[0] for prev, nxt in zip(bounds[:-1], bounds[1:], strict=True))
+
+
+@pytest.mark.parametrize(
+    "num_rows, chunk_rows, last_rows, expected_sizes",
+    [(8192, 1024, 1536, [960] * 6 + [896, 1536]), (10, 3, 4, [3, 3, 4]), (11, 3, 4, [3, 2, 2, 4]), (3, 3, 4, [3])],
+)
+def test_chunk_bounds_with_a_larger_last_chunk(
+    num_rows: int, chunk_rows: int, last_rows: int, expected_sizes: list[int]
+) -> None:
+    bounds = _chunk_bounds(num_rows, chunk_rows, last_rows)
+    assert [end - start for start, end in bounds] == expected_sizes
+    assert bounds[0][0] == 0 and bounds[-1][1] == num_rows
+    assert all(prev[1] == nxt[0] for prev, nxt in zip(bounds[:-1], bounds[1:], strict=True))
+    assert _chunk_bounds(0, chunk_rows, last_rows) == []
+
+
+@pytest.mark.parametrize("case", ["weight grad", "no_grad", "frozen head"])
+def test_last_chunk_grows_only_when_its_tile_saves_a_recompute(case: str) -> None:
+    """With a recompute backward ahead the last chunk gets 1.5 C rows, so the backward recomputes N - 1.5 C rows
+    and gets the same grads; without one (no_grad, or the frozen-head path) every tile stays at C rows."""
+    rows, hidden_size, vocab, chunk = 64, 8, 200, 4  # a (4, V) tile outsizes every (N, H) tensor
+    hidden, weight = _leaves((rows, hidden_size), (vocab, hidden_size), seed=29)
+    weight.requires_grad_(case == "weight grad")
+    target_ids = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(30))
+    with _LargestTensorMode() as forward_mode, torch.set_grad_enabled(case != "no_grad"):
+        fused = fused_logprobs(hidden, weight, target_ids, chunk_rows=chunk)
+    grown_rows = 6  # 1.5 C
+    tile_rows = grown_rows if case == "weight grad" else chunk
+    assert forward_mode.max_numel == tile_rows * vocab  # the flat tile buffer is the largest tensor made
+    if case == "no_grad":
+        return
+    with _OpRecorder() as backward_ops:
+        fused.sum().backward()
+    # Recomputed tiles are the (V, c) matmul outputs other than the (V, H) weight gradient.
+    recomputed = [shapes[0] for name, shapes in backward_ops.calls if name == "addmm_" and shapes[0][0] == vocab]
+    recomputed_rows = sum(cols for _, cols in recomputed if cols != hidden_size)
+    assert recomputed_rows == (rows - grown_rows if case == "weight grad" else 0)
+    naive_hidden, naive_weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    naive_grads = _grads(naive_logprobs(naive_hidden, naive_weight, target_ids).sum(), [naive_hidden, naive_weight])
+    torch.testing.assert_close(hidden.grad, naive_grads[0], atol=1e-5, rtol=1e-5)
+    if case == "weight grad":
+        torch.testing.assert_close(weight.grad, naive_grads[1], atol=1e-5, rtol=1e-5)
 
 
 def test_grad_only_for_inputs_that_require_it() -> None:

@@ -22,9 +22,10 @@ Backward, for the upstream gradient g_n = dL/dlogp_n::
     dL/db   = sum_n dL/dz_n / tau                             (V,)
 
 Cost, in (N, H) x (H, V) matmuls: forward alone is one, like the naive path. Forward + backward with a trainable
-lm_head is 4 - 1/K instead of 3 (K = number of chunks): each chunk's logits are computed again in backward, except
-the last chunk's, whose softmax tile is still in memory when the forward ends and is handed to the backward as its
-working tile (so the peak is unchanged). That recompute is the price of never holding (N, V); the (N, V)
+lm_head is 4 - L/N instead of 3: each chunk's logits are computed again in backward, except the last chunk's (L
+rows), whose softmax tile is still in memory when the forward ends and is handed to the backward as its working
+tile. That chunk is made 1.5x larger (L = 1.5 C where N allows), which saves recomputing those rows for a tile 1.5x
+the size. That recompute is the price of never holding (N, V); the (N, V)
 allocations and passes it saves pay most of it back. With a frozen lm_head (LoRA: only ``hidden`` needs grad) the
 forward, which holds each chunk's softmax anyway, also writes d logp / d hidden (N, H), so backward is one multiply
 and the total is two matmuls, as in the naive path.
@@ -39,7 +40,7 @@ Notation::
     N  token rows: every leading dim of ``hidden`` flattened (e.g. N = B * T)
     H  hidden size
     V  vocabulary size
-    C  rows per chunk (``chunk_rows``); K = ceil(N / C) chunks of near-equal size
+    C  rows per chunk (``chunk_rows``); K = ceil(N / C) chunks of near-equal size (see ``_chunk_bounds``)
 
 The tile is stored vocab-major, (V, c) for a chunk of c <= C rows (see ``_Tiles``); sizes below say (C, V) for its
 extent only.
@@ -53,6 +54,20 @@ from torch.autograd.function import once_differentiable
 DEFAULT_TILE_BUDGET_BYTES = 128 * 2**20
 """One fp32 (C, V) logits tile is kept near this size. 128 MiB keeps each matmul large enough to run at full
 speed on CPU and GPU (C = 1024 rows at V = 32k) while the tile stays under 1/8 of the naive path's memory."""
+
+HANDED_OVER_ROWS_FACTOR = 1.5
+"""When a backward with recomputation will follow, the last chunk gets up to this many times C rows. Its tile is
+handed from the forward to the backward, so every extra row there is one row the backward does not recompute; the
+price is a tile this much larger. 1.5 keeps the forward+backward peak (this tile plus the weight and hidden
+gradients) under 1/8 of the naive path's at N = 8192, V = 32768 while saving a sixteenth of the recomputation."""
+
+ROW_ALIGNMENT = 16
+"""Chunk sizes are rounded to a multiple of this many rows. A tile's row count is the leading dimension of every
+matmul on it, and on the CPU an odd one is slow: at V = 32768, H = 1024, 2 threads, the forward matmul of a
+951-row chunk ran at 161 GFLOP/s, of a 960-row one at 197 and of a 1024-row one at 207."""
+
+ALIGNED_FROM_CHUNK_ROWS = 4 * ROW_ALIGNMENT
+"""Below this C, rounding would unbalance the chunks more than alignment is worth."""
 
 ENTROPY_BLOCK_BYTES = 2 * 2**20
 """Entropy needs z - max and exp(z - max) side by side; it works through each tile in row blocks of about this
@@ -124,8 +139,9 @@ def fused_logprobs(
     id must still be in [0, V)); mask them out of the loss afterwards.
 
     Memory: one (C, V) tile (plus a half-size one for bf16 inputs with the fp32 cast) while it runs. When a
-    backward will follow, the last chunk's tile stays alive until that backward (which reuses it instead of
-    recomputing that chunk) or until the graph is freed; with a frozen lm_head an (N, H) gradient is kept instead.
+    backward with recomputation will follow (a trainable lm_head or bias), the last chunk has up to 1.5 C rows and
+    the tile is sized for it; that tile stays alive until the backward (which reuses it instead of recomputing that
+    chunk) or until the graph is freed. With a frozen lm_head an (N, H) gradient is kept instead.
 
     Args:
         hidden: (..., H) final hidden states (after the final norm).
@@ -134,7 +150,8 @@ def fused_logprobs(
         bias: (V,) optional lm_head bias.
         temperature: > 0; logits are divided by it, as in sampling.
         chunk_rows: C, the most rows per chunk; None -> ``auto_chunk_rows(V)``. The N rows are split into
-            ceil(N / C) chunks of near-equal size, so no chunk is a sliver.
+            ceil(N / C) chunks of near-equal size, so no chunk is a sliver. When a backward with
+            recomputation follows, the last chunk gets up to 1.5 C rows (see ``HANDED_OVER_ROWS_FACTOR``).
         cast_logprobs_to_fp32: True -> softmax statistics and outputs in float32 (float64 stays float64);
             False -> everything in the input dtype (cheaper, coarse in bf16).
         return_entropy: also return the per-row entropy of the tempered distribution, detached.
@@ -146,6 +163,8 @@ def fused_logprobs(
     _check_inputs(hidden, weight, target_ids, bias, temperature, chunk_rows)
     hidden_size = hidden.shape[-1]
     rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(weight.shape[0])
+    frozen_head = _only_hidden_needs_grad(hidden, weight, bias)
+    recompute_backward = _needs_backward(hidden, weight, bias) and not frozen_head
     outputs = _FusedLogprobs.apply(
         hidden.reshape(-1, hidden_size),
         weight,
@@ -153,14 +172,21 @@ def fused_logprobs(
         target_ids.reshape(-1),
         float(temperature),
         rows,
+        max(rows, int(rows * HANDED_OVER_ROWS_FACTOR)) if recompute_backward else None,
         cast_logprobs_to_fp32,
         return_entropy,
-        _only_hidden_needs_grad(hidden, weight, bias),
+        frozen_head,
     )
     if return_entropy:
         logprobs, entropy = outputs
         return logprobs.view(target_ids.shape), entropy.view(target_ids.shape)
     return outputs.view(target_ids.shape)
+
+
+def _needs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True when autograd will record the op, so a backward may follow (False under ``torch.no_grad()``)."""
+    inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
 
 
 def _only_hidden_needs_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -208,15 +234,27 @@ def _compute_dtype(input_dtype: torch.dtype, cast_logprobs_to_fp32: bool) -> tor
     return torch.promote_types(input_dtype, torch.float32) if cast_logprobs_to_fp32 else input_dtype
 
 
-def _chunk_bounds(num_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
-    """[start, end) of ceil(N / C) chunks whose sizes differ by at most one row, largest first.
+def _chunk_bounds(num_rows: int, chunk_rows: int, last_rows: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) of ceil(N / C) chunks of near-equal size, largest first.
 
-    Equal chunks instead of C, C, ..., remainder: N = 8200 at C = 1024 gives nine chunks of 911-912 rows, not
-    eight full ones and an 8-row sliver whose matmul runs far below speed.
+    Near-equal chunks instead of C, C, ..., remainder, so that no chunk is a sliver whose matmul runs far below
+    speed. From C >= ``ALIGNED_FROM_CHUNK_ROWS`` every chunk but the last also has a multiple of ``ROW_ALIGNMENT``
+    rows (unless that would exceed C): N = 8200 at C = 1024 gives eight chunks of 912 rows and one of 904, not
+    nine of 911-912. Below that the sizes differ by at most one row.
+
+    ``last_rows``: the last chunk takes min(N, last_rows) rows and the rest is split as above (the recompute
+    path's handed-over tile; see ``HANDED_OVER_ROWS_FACTOR``).
     """
     if num_rows == 0:
         return []
+    if last_rows is not None:
+        tail = min(num_rows, last_rows)
+        return [*_chunk_bounds(num_rows - tail, chunk_rows), (num_rows - tail, num_rows)]
     num_chunks = -(-num_rows // chunk_rows)
+    if chunk_rows >= ALIGNED_FROM_CHUNK_ROWS:
+        even_rows = -(-num_rows // num_chunks)
+        size = min(chunk_rows, -(-even_rows // ROW_ALIGNMENT) * ROW_ALIGNMENT)
+        return [(start, min(start + size, num_rows)) for start in range(0, num_rows, size)]
     base, extra = divmod(num_rows, num_chunks)
     bounds, start = [], 0
     for index in range(num_chunks):
@@ -224,6 +262,11 @@ def _chunk_bounds(num_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+def _largest_chunk(bounds: list[tuple[int, int]]) -> int:
+    """Rows of the largest chunk (0 for no chunks): the tile buffers are sized to it."""
+    return max((end - start for start, end in bounds), default=0)
 
 
 class _Tiles:
@@ -366,13 +409,14 @@ class _FusedLogprobs(torch.autograd.Function):
         target_ids: torch.Tensor,
         temperature: float,
         chunk_rows: int,
+        last_rows: int | None,
         cast_logprobs_to_fp32: bool,
         return_entropy: bool,
         frozen_head: bool,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         num_rows, vocab_size = hidden.shape[0], weight.shape[0]
-        bounds = _chunk_bounds(num_rows, chunk_rows)
-        tile_rows = bounds[0][1] if bounds else 0
+        bounds = _chunk_bounds(num_rows, chunk_rows, last_rows)
+        tile_rows = _largest_chunk(bounds)
         compute_dtype = _compute_dtype(hidden.dtype, cast_logprobs_to_fp32)
         logprobs = torch.empty(num_rows, dtype=compute_dtype, device=hidden.device)
         log_normaliser = torch.empty_like(logprobs)
@@ -410,7 +454,7 @@ class _FusedLogprobs(torch.autograd.Function):
 
         ctx.frozen_head = frozen_head
         ctx.temperature = temperature
-        ctx.chunk_rows = chunk_rows
+        ctx.bounds = bounds
         ctx.last_tile = None
         if frozen_head:
             ctx.save_for_backward(unit_grad_hidden)
@@ -432,7 +476,7 @@ class _FusedLogprobs(torch.autograd.Function):
         if ctx.frozen_head:
             (unit_grad_hidden,) = ctx.saved_tensors
             grad_hidden = (grad_logprobs[:, None] * unit_grad_hidden).to(unit_grad_hidden.dtype)
-            return grad_hidden, None, None, None, None, None, None, None, None
+            return grad_hidden, None, None, None, None, None, None, None, None, None
         # Taken off ctx so it is freed with this backward, and so a second backward (retain_graph=True), which
         # would find it overwritten, recomputes every chunk instead.
         last_tile, ctx.last_tile = ctx.last_tile, None
@@ -440,11 +484,11 @@ class _FusedLogprobs(torch.autograd.Function):
             *ctx.saved_tensors,
             grad_logprobs,
             ctx.temperature,
-            ctx.chunk_rows,
+            ctx.bounds,
             ctx.needs_input_grad[:3],
             last_tile,
         )
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _recompute_backward(
@@ -455,7 +499,7 @@ def _recompute_backward(
     log_normaliser: torch.Tensor,
     grad_logprobs: torch.Tensor,
     temperature: float,
-    chunk_rows: int,
+    bounds: list[tuple[int, int]],
     needs_grad: tuple[bool, bool, bool],
     last_tile: tuple[_Tiles, torch.Tensor] | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -465,8 +509,7 @@ def _recompute_backward(
     exp(z - max) for the last chunk; sum_v exp(z - max) per row) without a recompute.
     """
     needs_hidden, needs_weight, needs_bias = needs_grad
-    num_rows, vocab_size = hidden.shape[0], weight.shape[0]
-    bounds = _chunk_bounds(num_rows, chunk_rows)
+    vocab_size = weight.shape[0]
     compute_dtype = log_normaliser.dtype
     accumulate_dtype = torch.promote_types(weight.dtype, torch.float32)
     # Contiguous by construction, so each chunk's rows are a contiguous `out=` target for the matmul.
@@ -492,11 +535,10 @@ def _recompute_backward(
     if last_tile is not None:
         tiles, last_sum_exp = last_tile
     else:
-        tile_rows = bounds[0][1] if bounds else 0
-        tiles = _Tiles(vocab_size, tile_rows, compute_dtype, weight.dtype, hidden.device)
+        tiles = _Tiles(vocab_size, _largest_chunk(bounds), compute_dtype, weight.dtype, hidden.device)
     scaled_hidden = None
     if grad_weight is not None and bounds and tiles.low_precision_buffer is None:
-        scaled_hidden = torch.empty(bounds[0][1], hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        scaled_hidden = torch.empty(_largest_chunk(bounds), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     for index, (start, end) in enumerate(reversed(bounds)):
         hidden_chunk, targets = hidden[start:end], target_ids[None, start:end]
         if index == 0 and last_tile is not None:
