@@ -163,8 +163,7 @@ def fused_logprobs(
     _check_inputs(hidden, weight, target_ids, bias, temperature, chunk_rows)
     hidden_size = hidden.shape[-1]
     rows = chunk_rows if chunk_rows is not None else auto_chunk_rows(weight.shape[0])
-    frozen_head = _only_hidden_needs_grad(hidden, weight, bias)
-    recompute_backward = _needs_backward(hidden, weight, bias) and not frozen_head
+    backward = _backward_path(hidden, weight, bias)
     outputs = _FusedLogprobs.apply(
         hidden.reshape(-1, hidden_size),
         weight,
@@ -172,10 +171,10 @@ def fused_logprobs(
         target_ids.reshape(-1),
         float(temperature),
         rows,
-        max(rows, int(rows * HANDED_OVER_ROWS_FACTOR)) if recompute_backward else None,
+        int(rows * HANDED_OVER_ROWS_FACTOR) if backward == "recompute" else None,
         cast_logprobs_to_fp32,
         return_entropy,
-        frozen_head,
+        backward == "frozen_head",
     )
     if return_entropy:
         logprobs, entropy = outputs
@@ -183,17 +182,15 @@ def fused_logprobs(
     return outputs.view(target_ids.shape)
 
 
-def _needs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """True when autograd will record the op, so a backward may follow (False under ``torch.no_grad()``)."""
-    inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
-    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
-
-
-def _only_hidden_needs_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """True for a frozen lm_head under a trainable trunk (LoRA); decided here because inside the autograd
-    function grad mode is always off and ``needs_input_grad`` ignores ``torch.no_grad()``."""
-    bias_needs_grad = bias is not None and bias.requires_grad
-    return torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and not bias_needs_grad
+def _backward_path(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """The backward the op must prepare for: None when autograd will not record it (``torch.no_grad()``, or no
+    input requires grad), "frozen_head" when only ``hidden`` needs a grad (LoRA under a frozen lm_head), else
+    "recompute". Decided here because inside the autograd function grad mode is always off and
+    ``needs_input_grad`` ignores ``torch.no_grad()``."""
+    head_needs_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or head_needs_grad):
+        return None
+    return "recompute" if head_needs_grad else "frozen_head"
 
 
 def _check_inputs(
@@ -270,7 +267,8 @@ def _largest_chunk(bounds: list[tuple[int, int]]) -> int:
 
 
 class _Tiles:
-    """Reused flat buffers that hold one chunk's logits as a vocab-major (V, c) tile, for chunks of up to C rows.
+    """Reused flat buffers that hold one chunk's logits as a vocab-major (V, c) tile, for chunks of up to
+    ``max_rows`` rows (the largest chunk).
 
     Vocab-major, because ``weight @ hidden_chunk.T`` writes a (V, c) product 8-17% faster on the CPU than
     ``hidden_chunk @ weight.T`` writes the (c, V) one, and every later matmul reads the tile at full speed in
@@ -532,13 +530,14 @@ def _recompute_backward(
     # (the vocab-major tile holds A^T, hence ``grad_tile.T @ weight`` and ``grad_tile @ scaled_chunk`` below).
     # That leaves one elementwise pass (exp) over each recomputed tile, and none over the handed-over one.
     minus_coefs = grad_logprobs.to(compute_dtype) / -temperature
+    tile_rows = _largest_chunk(bounds)
     if last_tile is not None:
         tiles, last_sum_exp = last_tile
     else:
-        tiles = _Tiles(vocab_size, _largest_chunk(bounds), compute_dtype, weight.dtype, hidden.device)
+        tiles = _Tiles(vocab_size, tile_rows, compute_dtype, weight.dtype, hidden.device)
     scaled_hidden = None
     if grad_weight is not None and bounds and tiles.low_precision_buffer is None:
-        scaled_hidden = torch.empty(_largest_chunk(bounds), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        scaled_hidden = torch.empty(tile_rows, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     for index, (start, end) in enumerate(reversed(bounds)):
         hidden_chunk, targets = hidden[start:end], target_ids[None, start:end]
         if index == 0 and last_tile is not None:
