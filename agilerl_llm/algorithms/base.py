@@ -9,6 +9,10 @@ The base class wires collaborators together and computes nothing of its own:
 * ``Distributed`` (distributed.py): rank, collectives, backward and optimizer step on every backend
   (one process, data parallel, DeepSpeed ZeRO-2/3), so the algorithms read the same on all of them.
 
+Generation (``GenerationMixin``, algorithms/generation.py) and the checkpoint methods (``CheckpointMixin``,
+algorithms/checkpointing.py: ``checkpoint_state``, ``save_checkpoint``, ``load``, ...) are mixed in from their
+own modules.
+
 Subclasses say what to optimise: they implement ``learn`` (and ``get_action`` / ``test`` where they
 generate). Constructor arguments follow the AgileRL LLM API names and defaults.
 """
@@ -26,14 +30,11 @@ from peft import LoraConfig, PeftModel
 from pydantic import BaseModel
 from transformers import PreTrainedModel
 
-from agilerl_llm.algorithms.arguments import check_base_arguments, refuse_extra_arguments
+from agilerl_llm.algorithms.arguments import check_base_arguments
+from agilerl_llm.algorithms.checkpointing import CheckpointMixin
 from agilerl_llm.algorithms.evolvable import EvolvableMixin, check_compile_mode
 from agilerl_llm.algorithms.generation import GenerationMixin
-from agilerl_llm.checkpoint.agent import apply_state
-from agilerl_llm.checkpoint.agent import load_checkpoint as load_agent_checkpoint
-from agilerl_llm.checkpoint.agent import save_checkpoint as save_agent_checkpoint
-from agilerl_llm.checkpoint.snapshot import HostCopier
-from agilerl_llm.checkpoint.state import AgentState, CheckpointModule, capture_state, lora_parameters
+from agilerl_llm.checkpoint.state import lora_parameters
 from agilerl_llm.distributed import Distributed
 from agilerl_llm.evolution.hyperparameters import HyperparameterConfig, as_hyperparameter_config
 from agilerl_llm.model.adapters import ACTOR, CRITIC, REFERENCE, AdapterSet
@@ -69,7 +70,7 @@ from agilerl_llm.utils.seeding import seed_everything
 logger = logging.getLogger(__name__)
 
 
-class LLMAlgorithm(EvolvableMixin, GenerationMixin):
+class LLMAlgorithm(EvolvableMixin, GenerationMixin, CheckpointMixin):
     """Base class of the LLM algorithms: model + named LoRA adapters, optimizer, log-probs, cloning.
 
     Args:
@@ -511,45 +512,6 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         for name in ("policy_forward", "engine", "actor", "adapters", "optimizer", "lr_scheduler"):
             self.__dict__.pop(name, None)
 
-    # ------------------------------------------------------------------------------------------ checkpoints
-    # The agent checkpoint contract (agilerl_llm.checkpoint.state): what this agent is made of is said here
-    # (adapter_names, checkpoint_modules); every save, load, async snapshot, run checkpoint and clone goes
-    # through checkpoint_state / load_checkpoint_state.
-    def checkpoint_modules(self) -> dict[str, CheckpointModule]:
-        """Trainable modules besides the LoRA adapters that checkpoints must carry (none here; PPO: its value
-        head). Saved as ``modules/<name>.safetensors``."""
-        return {}
-
-    def checkpoint_state(
-        self,
-        lora_only: bool = True,
-        save_optimizer: bool = True,
-        *,
-        to_host: bool = False,
-        reuse: AgentState | None = None,
-        copier: HostCopier | None = None,
-    ) -> AgentState:
-        """Everything a checkpoint of this agent holds, in memory: adapters, extra modules, optimizer and LR
-        schedule, hyperparameters. ``to_host`` copies it to CPU memory (fixed while training goes on); ``reuse``
-        and ``copier`` are ``capture_state``'s."""
-        return capture_state(
-            self, lora_only=lora_only, save_optimizer=save_optimizer, to_host=to_host, reuse=reuse, copier=copier
-        )
-
-    def load_checkpoint_state(
-        self,
-        state: AgentState,
-        load_optimizer: bool = True,
-        overwrite_reference_adapter: bool = False,
-        overwrite_critic_adapter: bool = True,
-        check_base_model: bool = True,
-    ) -> None:
-        """Apply a state from ``checkpoint_state`` (or read from disk); the options are ``load_checkpoint``'s."""
-        apply_state(
-            self, state, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter, check_base_model
-        )
-        self._weights_version += 1
-
     @classmethod
     def validate_hyperparameters(cls, values: dict[str, Any]) -> None:
         """Check hyperparameter values with the constructor's rules; raises ValueError / ValidationError naming
@@ -570,34 +532,3 @@ class LLMAlgorithm(EvolvableMixin, GenerationMixin):
         )
         for model in cls.hyperparameter_models:
             model(**{name: values[name] for name in model.model_fields if name in values})
-
-    def save_checkpoint(self, path: str, lora_only: bool = True, save_optimizer: bool = True, **kwargs: Any) -> None:
-        """Write this agent to the folder ``path``; see ``agilerl_llm.checkpoint.agent`` for the layout and grid.
-        ``**kwargs`` is in the spec's signature; any given is refused (TypeError), never ignored."""
-        refuse_extra_arguments("save_checkpoint", (), kwargs, "path, lora_only, save_optimizer")
-        save_agent_checkpoint(self, path, lora_only=lora_only, save_optimizer=save_optimizer)
-
-    @classmethod
-    def load(cls, path: str, device: str | torch.device = "cpu", accelerator: Any | None = None) -> LLMAlgorithm:
-        """A working agent rebuilt from the checkpoint folder ``path`` alone, on ``device`` (or the accelerator's):
-        its base model (recorded in the checkpoint), settings, adapters, optimizer and schedule as saved. See
-        ``agilerl_llm.checkpoint.rebuild``."""
-        from agilerl_llm.checkpoint.rebuild import load_agent
-
-        return load_agent(cls, path, device, accelerator)
-
-    def load_checkpoint(
-        self,
-        path: str,
-        load_optimizer: bool = True,
-        overwrite_reference_adapter: bool = False,
-        overwrite_critic_adapter: bool = True,
-        check_base_model: bool = True,
-    ) -> None:
-        """Load a checkpoint made by ``save_checkpoint`` onto this agent (same base model and LoRA config).
-
-        By default the loaded actor also becomes the reference (SFT -> DPO -> GRPO); see ``checkpoint/agent.py``.
-        """
-        load_agent_checkpoint(
-            self, path, load_optimizer, overwrite_reference_adapter, overwrite_critic_adapter, check_base_model
-        )
